@@ -1,0 +1,142 @@
+"""Is the merged model the adapted model?  Measure it instead of assuming it.
+
+Merging (Hu et al. 2021, §4.1, "No Additional Inference Latency") replaces W by
+W' = W + s·B A.  In real arithmetic W' x = W x + s·B A x exactly; in floating point
+W' is *rounded* to W's dtype, so every entry moves by up to half a unit in the last
+place (ulp).  In bfloat16 (8 significant bits) at |w| ≈ 0.02 one ulp is 2⁻¹³ ≈ 1.2e-4,
+so ΔW entries smaller than ≈ 6e-5 are erased outright.  :func:`check_merge_equivalence`
+runs both forms on the same input and reports the difference and that erased fraction.
+
+Tolerances (relative error ``max|y_merged − y_unmerged| / max|y_unmerged|``), chosen
+per weight dtype from its unit roundoff u (the ulp bound of one rounding) with room
+for accumulation over depth and the inner dimension:
+
+=========  ==========  =========
+dtype      u           tolerance
+=========  ==========  =========
+float64    1.1e-16     1e-12
+float32    6.0e-8      1e-5
+float16    4.9e-4      2e-2
+bfloat16   3.9e-3      1e-1
+=========  ==========  =========
+
+Measured values on the package's models sit one to three orders of magnitude below
+these (see notebook 03 and ``tests/test_equivalence.py``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .inject import lora_layers, merge_lora, unmerge_lora
+
+__all__ = ["MergeReport", "check_merge_equivalence", "TOLERANCE", "erased_fraction"]
+
+TOLERANCE: dict[torch.dtype, float] = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,
+    torch.float16: 2e-2,
+    torch.bfloat16: 1e-1,
+}
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    dtype: torch.dtype
+    max_abs_error: float  # max |y_merged − y_unmerged|
+    rel_error: float  # max_abs_error / max |y_unmerged|
+    tolerance: float  # bound on rel_error for this dtype (module docstring)
+    erased_fraction: float  # share of nonzero ΔW entries that rounding into W's dtype erases
+    n_layers: int
+
+    @property
+    def passed(self) -> bool:
+        return self.rel_error <= self.tolerance
+
+    def __str__(self) -> str:
+        verdict = "PASSED" if self.passed else "FAILED"
+        dt = str(self.dtype).replace("torch.", "")
+        why = (
+            f"Merging rounds W + ΔW to {dt} once per entry, so some difference is expected; "
+            f"{100 * self.erased_fraction:.3g}% of the nonzero ΔW entries were smaller than half an ulp of the "
+            f"weight they were added to and vanished entirely."
+        )
+        if not self.passed:
+            why += (
+                " The error exceeds what rounding explains: look for a merge without the scale s, "
+                "a double merge, or a transposed ΔW — or keep the adapter unmerged / merge in float32."
+            )
+        return (
+            f"Merge equivalence {verdict} for {self.n_layers} LoRA layers in {dt}: the merged model differs from "
+            f"the unmerged one by at most {self.max_abs_error:.3g} (relative {self.rel_error:.3g}; tolerance "
+            f"{self.tolerance:.0e} for {dt}). {why}"
+        )
+
+
+def _as_tensor(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict) and "logits" in out:
+        return out["logits"]
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"cannot compare model outputs of type {type(out).__name__}; return a tensor, a tuple or .logits")
+
+
+def erased_fraction(model: nn.Module) -> float:
+    """Fraction of nonzero ΔW entries that vanish when W + ΔW is rounded to W's dtype (model unmerged)."""
+    erased = nonzero = 0
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            if layer.active_adapter is None or layer.merged:
+                continue
+            W = layer.base.weight
+            acc = layer._merge_dtype()
+            delta_W = layer.delta_weight(dtype=acc)
+            rounded = (W.to(acc) + delta_W).to(W.dtype)
+            mask = delta_W != 0
+            erased += int(((rounded == W) & mask).sum())
+            nonzero += int(mask.sum())
+    return erased / nonzero if nonzero else 0.0
+
+
+def check_merge_equivalence(model: nn.Module, x, tolerance: float | None = None) -> MergeReport:
+    """Run ``model(x)`` unmerged and merged; report the difference.  The model is left bit-for-bit as found.
+
+    ``x`` is a tensor or a tuple of positional arguments.  The model runs in eval
+    mode (no dropout) under ``torch.no_grad()``.
+    """
+    layers = [l for _, l in lora_layers(model) if l.active_adapter is not None]
+    if not layers:
+        raise ValueError("the model has no active LoRA adapter to merge; call add_lora(...) first")
+    args = x if isinstance(x, tuple) else (x,)
+    dtype = layers[0].base.weight.dtype
+    tol = TOLERANCE.get(dtype, 1e-5) if tolerance is None else tolerance
+
+    saved_weights = [l.base.weight.detach().clone() for l in layers]
+    saved_merged = [l.merged_adapter for l in layers]
+    saved_training = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            if any(saved_merged):
+                unmerge_lora(model)
+            fraction = erased_fraction(model)
+            y_unmerged = _as_tensor(model(*args)).double()
+            merge_lora(model)
+            y_merged = _as_tensor(model(*args)).double()
+    finally:
+        with torch.no_grad():
+            for l, W, m in zip(layers, saved_weights, saved_merged):
+                l.base.weight.copy_(W)
+                l.merged_adapter = m
+        for m, t in saved_training.items():
+            m.training = t
+    max_abs = (y_merged - y_unmerged).abs().max().item()
+    scale = y_unmerged.abs().max().item()
+    rel = max_abs / scale if scale > 0 else max_abs
+    return MergeReport(dtype, max_abs, rel, tol, fraction, len(layers))
