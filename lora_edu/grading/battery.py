@@ -1,0 +1,252 @@
+"""The machinery every exercise checker shares.
+
+An :class:`Exercise` is a list of cases.  A case is a function of the student's
+submission that returns (optionally a note) when the behaviour is right and raises
+:class:`Fail` — with what the code did, what was expected and a hint — when it is
+not.  :func:`run_exercise` runs each case under a time limit, with torch's RNG forked
+(the student's random stream is left untouched), and turns *anything* the student's
+code does — an exception, ``sys.exit()``, an infinite loop — into a failed case.
+"""
+from __future__ import annotations
+
+import linecache
+import math
+import os
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .result import CaseResult, CheckResult
+from .sandbox import CaseTimeout, time_limit
+
+_GRADING_DIR = os.path.dirname(os.path.abspath(__file__))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+MISSING = _Missing()  # a name the notebook did not define
+
+
+class Fail(Exception):
+    """A case failed: ``got`` (what the student's code did), ``expected``, ``hint``."""
+
+    def __init__(self, got: str, expected: str = "", hint: str = ""):
+        super().__init__(got)
+        self.got, self.expected, self.hint = got, expected, hint
+
+
+@dataclass
+class Case:
+    id: str
+    name: str
+    kind: str
+    fn: Callable[[Any], str | None]
+    points: float = 1.0
+    requires: tuple[str, ...] = ()
+    min_timeout: float | None = None  # cases that train or evaluate a model get at least this long
+
+
+@dataclass
+class Exercise:
+    """One exercise: its notebook, the names the grader collects from it, and its cases."""
+
+    name: str
+    title: str
+    notebook: str  # file name in lora_edu/exercises/
+    symbols: tuple[str, ...]  # what the notebook must define; one name -> that object, several -> a dict
+    cases: list[Case] = field(default_factory=list)
+
+    def case(self, name: str, kind: str, points: float = 1.0, requires: tuple[str, ...] = (), min_timeout: float | None = None):
+        def register(fn):
+            self.cases.append(Case(fn.__name__, name, kind, fn, points, tuple(requires), min_timeout))
+            return fn
+
+        return register
+
+    def collect(self, namespace: dict) -> Any:
+        """What ``check`` receives, built from a notebook's global namespace."""
+        if len(self.symbols) == 1:
+            return namespace.get(self.symbols[0], MISSING)
+        return {s: namespace[s] for s in self.symbols if s in namespace}
+
+
+def run_exercise(ex: Exercise, submission: Any, timeout: float | None = 10.0, seed: int = 0) -> CheckResult:
+    result = CheckResult(ex.name)
+    status: dict[str, bool] = {}
+    for i, case in enumerate(ex.cases):
+        blocked = [r for r in case.requires if not status.get(r, False)]
+        if blocked:
+            first = next(c for c in ex.cases if c.id == blocked[0])
+            status[case.id] = False
+            result.cases.append(CaseResult(case.name, case.kind, case.points, False,
+                                           got=f"not run: it needs “{first.name}” to pass first",
+                                           hint="fix the first failure above, then run the check again"))
+            continue
+        outcome = _run_case(case, submission, timeout, seed * 1000 + i)
+        status[case.id] = outcome.passed
+        result.cases.append(outcome)
+    return result
+
+
+def _run_case(case: Case, submission: Any, timeout: float | None, seed: int) -> CaseResult:
+    def done(passed, got="", expected="", hint=""):
+        return CaseResult(case.name, case.kind, case.points, passed, str(got), str(expected), str(hint))
+
+    if timeout and case.min_timeout:
+        timeout = max(timeout, case.min_timeout)
+    default_dtype = torch.get_default_dtype()
+    grad_enabled = torch.is_grad_enabled()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            try:
+                with time_limit(timeout):
+                    note = case.fn(submission)
+            finally:
+                torch.set_default_dtype(default_dtype)  # undo what student code may have changed
+                torch.set_grad_enabled(grad_enabled)
+        return done(True, note or "")
+    except Fail as f:
+        return done(False, f.got, f.expected, f.hint)
+    except CaseTimeout:
+        return done(False, f"your code did not finish within {timeout:g} s (timed out)",
+                    hint="is there an infinite loop (a `while` whose condition never changes, or a method that calls itself)?")
+    except KeyboardInterrupt:
+        raise
+    except RecursionError as e:
+        return done(False, describe_exception(e), hint="infinite recursion: does a method call itself, e.g. self(x) or self.forward(x) inside forward?")
+    except BaseException as e:  # noqa: BLE001 - student code may raise anything, even SystemExit
+        return done(False, describe_exception(e), hint=hint_for_exception(e))
+
+
+# ----------------------------------------------------------------------------- calling student code
+
+
+def call(what: str, fn: Callable, *args, **kwargs):
+    """Call student code; turn an exception into a :class:`Fail` that says which call raised."""
+    try:
+        return fn(*args, **kwargs)
+    except (Fail, CaseTimeout, KeyboardInterrupt):
+        raise
+    except RecursionError as e:
+        raise Fail(f"{what} raised {describe_exception(e)}",
+                   hint="infinite recursion: does a method call itself, e.g. self(x) or self.forward(x) inside forward?") from None
+    except BaseException as e:  # noqa: BLE001
+        raise Fail(f"{what} raised {describe_exception(e)}", hint=hint_for_exception(e)) from None
+
+
+def get_attr(obj, name: str, what: str, hint: str = ""):
+    """``getattr`` on student objects: a missing attribute or a raising property becomes a Fail."""
+    try:
+        return getattr(obj, name)
+    except AttributeError:
+        raise Fail(f"{what} has no attribute `{name}`", hint=hint) from None
+    except (CaseTimeout, KeyboardInterrupt):
+        raise
+    except BaseException as e:  # noqa: BLE001
+        raise Fail(f"reading `{name}` of {what} raised {describe_exception(e)}", hint=hint_for_exception(e)) from None
+
+
+def describe_exception(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    if len(msg) > 300:
+        msg = msg[:299] + "…"
+    where = _student_frame(e)
+    return f"{type(e).__name__}: {msg}" + (f" ({where})" if where else "")
+
+
+def _student_frame(e: BaseException) -> str:
+    """The innermost traceback frame outside lora_edu.grading and torch: the student's line."""
+    found = ""
+    for fs in traceback.extract_tb(e.__traceback__):
+        f = os.path.abspath(fs.filename) if not fs.filename.startswith("<") else fs.filename
+        if f.startswith(_GRADING_DIR) or f.startswith(_TORCH_DIR):
+            continue
+        line = (fs.line or linecache.getline(fs.filename, fs.lineno) or "").strip()
+        found = f"in {fs.name}(), line {fs.lineno}" + (f": `{line}`" if line else "")
+    return found
+
+
+def hint_for_exception(e: BaseException) -> str:
+    msg = str(e)
+    low = msg.lower()
+    if isinstance(e, NotImplementedError):
+        return "this part is still the stub: replace `raise NotImplementedError` with your code"
+    if isinstance(e, SystemExit):
+        return "your code called sys.exit()/exit(): never do that inside a layer or function"
+    if "shapes cannot be multiplied" in low or "size mismatch" in low or "must match the size" in low or "mat1 and mat2" in low \
+            or "dimension" in low and "mismatch" in low or "inconsistent tensor size" in low:
+        return ("a shape mismatch: nn.Linear stores W as (out, in) and sees x as a batch of row vectors (…, in), "
+                "so the base part is x @ W.T + b and the LoRA branch is x @ A.T @ B.T with A (r, in), B (out, r)")
+    if "dtype" in low or "scalar type" in low or ("float" in low and "double" in low):
+        return ("a dtype mismatch: create A and B with the base layer's dtype and device, "
+                "e.g. torch.empty(r, in_features, dtype=base.weight.dtype, device=base.weight.device)")
+    if isinstance(e, AttributeError):
+        return "an attribute your code reads does not exist: check the names (self.A, self.B, self.base, self.scale, ...) and that __init__ sets them"
+    if isinstance(e, TypeError) and ("argument" in low or "positional" in low):
+        return "check the signature: the interface is LoRALinear(base, r, alpha) and the methods take the arguments shown in the notebook"
+    if "leaf variable" in low or "in-place" in low or "inplace" in low:
+        return "in-place changes to parameters must happen under `with torch.no_grad():`"
+    return "read the error message and the line it points to"
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def as_tensor(value, what: str, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Validate a tensor the student's code produced; return it detached in float64."""
+    if not isinstance(value, torch.Tensor):
+        raise Fail(f"{what} is {_type_name(value)}, not a torch.Tensor",
+                   hint="return the tensor itself (not a tuple, list, numpy array or number)")
+    if shape is not None and tuple(value.shape) != tuple(shape):
+        raise Fail(f"{what} has shape {tuple(value.shape)}", expected=f"shape {tuple(shape)}")
+    if dtype is not None and value.dtype != dtype:
+        raise Fail(f"{what} has dtype {value.dtype}", expected=f"dtype {dtype}",
+                   hint="keep the dtype of the input and of the base layer (don't hard-code float32 or call .float())")
+    v = value.detach()
+    if v.is_complex():
+        raise Fail(f"{what} is complex ({v.dtype})")
+    v = v.to("cpu", torch.float64)
+    if not torch.isfinite(v).all():
+        bad = (~torch.isfinite(v)).sum().item()
+        raise Fail(f"{what} contains {bad} NaN/inf value(s)",
+                   hint="look for a division by zero (e.g. alpha / 0), a log of a negative number, or uninitialised memory (torch.empty without an init)")
+    return v
+
+
+def _type_name(v) -> str:
+    if v is None:
+        return "None"
+    return f"a {type(v).__name__}"
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |got - ref| / max |ref| (absolute when ref is all zero)."""
+    d = (got - ref).abs().max().item() if got.numel() else 0.0
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    return d / scale if scale > 0 else d
+
+
+def fit_multiple(d: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """Least-squares c with d ≈ c·ref, and the relative residual ‖d − c·ref‖/‖d‖ (0 when exact)."""
+    rr = (ref * ref).sum().item()
+    if rr == 0:
+        return math.nan, math.inf
+    c = (d * ref).sum().item() / rr
+    nd = d.norm().item()
+    res = (d - c * ref).norm().item()
+    return c, (res / nd if nd > 0 else (0.0 if res == 0 else math.inf))
+
+
+def near(a: float, b: float, tol: float = 0.02) -> bool:
+    return math.isfinite(a) and abs(a - b) <= tol * max(abs(b), 1e-12)
+
+
+def fmt(x: float) -> str:
+    return f"{x:.4g}"
