@@ -7,6 +7,7 @@ The pieces, one concept per module:
 * :mod:`lora_edu.counting` — ``count_parameters``: r·(in + out) per adapted layer.
 * :mod:`lora_edu.equivalence` — ``check_merge_equivalence``: merged vs unmerged, measured.
 * :mod:`lora_edu.adapters` — ``save_adapter`` / ``load_adapter`` (safetensors, atomic).
+* :mod:`lora_edu.peft_format` — the same in Hugging Face PEFT's folder format.
 """
 from ._version import __version__
 from .adapters import AdapterFileError, load_adapter, read_adapter_config, save_adapter
@@ -29,6 +30,7 @@ from .inject import (
     unmerge_lora,
 )
 from .layers import AdapterConfig, LoRAEmbedding, LoRALayer, LoRALinear
+from .peft_format import load_peft_adapter, save_peft_adapter
 
 __all__ = [
     "__version__",
@@ -52,12 +54,14 @@ __all__ = [
     "find_targets",
     "freeze",
     "load_adapter",
+    "load_peft_adapter",
     "lora_layers",
     "lora_parameters",
     "merge_lora",
     "read_adapter_config",
     "register_lora_layer",
     "save_adapter",
+    "save_peft_adapter",
     "set_adapter",
     "unload_lora",
     "unmerge_lora",

@@ -212,6 +212,11 @@ def load_adapter(
             have_cfg = module.adapters[name]
             if have_cfg.r != r:
                 raise AdapterFileError(f"{path}: {mod_name!r} has r={have_cfg.r} in the model but r={r} in the file; re-create the adapter with r={r}")
+            if have_cfg.alpha != lcfg["alpha"]:
+                raise AdapterFileError(
+                    f"{path}: {mod_name!r} has alpha={have_cfg.alpha:g} in the model but alpha={lcfg['alpha']:g} in the file "
+                    "(the scale s would silently change); re-create the adapter with the file's alpha"
+                )
             if have_cfg.rslora != lcfg["rslora"]:
                 rule = lambda x: "alpha/sqrt(r)" if x else "alpha/r"  # noqa: E731
                 raise AdapterFileError(f"{path}: scale rule mismatch at {mod_name!r}: model uses {rule(have_cfg.rslora)}, file {rule(lcfg['rslora'])}")

@@ -131,6 +131,8 @@ def find_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
         for n, m in hits:
             if not isinstance(m, LoRALayer) and _wrapper_for(m) is None:
                 supported = ", ".join(k.__name__ for k in LORA_LAYER_TYPES)
+                if type(m).__name__ == "Conv1D":
+                    supported += " (GPT-2's Conv1D after `import lora_edu.hf`)"
                 raise TypeError(
                     f"target {t!r} matched {n!r}, a {type(m).__name__}; LoRA wraps single layers of type {supported}. "
                     f"Target the layers inside it instead — {_describe_available(model)}"

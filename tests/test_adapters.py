@@ -87,6 +87,9 @@ def test_mismatched_rank_and_scale_rule(tmp_path):
     with pytest.raises(L.AdapterFileError, match="r=4 in the model but r=3 in the file"):
         L.load_adapter(other, tmp_path / "a.safetensors")
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())  # nothing half-loaded
+    other = L.add_lora(Net().double(), ["q_proj", "v_proj", "emb"], r=3, alpha=8)
+    with pytest.raises(L.AdapterFileError, match="alpha=8 in the model but alpha=6 in the file"):
+        L.load_adapter(other, tmp_path / "a.safetensors")
     other = L.add_lora(Net().double(), ["q_proj", "v_proj", "emb"], r=3, alpha=6, rslora=True)
     with pytest.raises(L.AdapterFileError, match=r"scale rule mismatch.*alpha/sqrt\(r\), file alpha/r"):
         L.load_adapter(other, tmp_path / "a.safetensors")

@@ -1,0 +1,608 @@
+"""Hugging Face PEFT's adapter format, both ways: ``save_peft_adapter`` / ``load_peft_adapter``.
+
+A PEFT LoRA adapter is a folder with two files:
+
+``adapter_config.json``
+    ``{"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
+    "use_rslora": false, "lora_dropout": 0.0, "fan_in_fan_out": false, "bias": "none",
+    "modules_to_save": null, "rank_pattern": {}, "alpha_pattern": {}, "use_dora": false, …}``
+
+``adapter_model.safetensors``
+    one entry per factor, named after the module path in the *base* model, prefixed
+    with ``base_model.model.`` (the path PEFT sees through ``PeftModel.base_model.model``):
+
+    ==============================================  ========================  =========
+    key                                             lora_edu tensor           shape
+    ==============================================  ========================  =========
+    ``base_model.model.<path>.lora_A.weight``        ``lora_A[name]`` (Linear)  (r, in)
+    ``base_model.model.<path>.lora_B.weight``        ``lora_B[name]`` (Linear)  (out, r)
+    ``base_model.model.<path>.lora_embedding_A``     ``lora_A[name]`` (Embed.)  (r, num_embeddings)
+    ``base_model.model.<path>.lora_embedding_B``     ``lora_B[name]`` (Embed.)  (dim, r)
+    ``base_model.model.<module>.<param>``            ``modules_to_save``        as in the model
+    ==============================================  ========================  =========
+
+    In memory PEFT inserts the adapter name (``…lora_A.default.weight``); the files
+    never contain it.  GPT-2's ``Conv1D`` uses the Linear keys and shapes (PEFT's
+    ``fan_in_fan_out=True`` only transposes ΔW at merge time, see :mod:`lora_edu.hf`).
+
+The orientation and init conventions are the same as lora_edu's (LoRA §4.1; PEFT's
+``peft/tuners/lora/layer.py``), so conversion is a renaming — no transposes, no
+rescaling: s = lora_alpha / r, or lora_alpha / √r with ``use_rslora``.
+
+Loading validates the whole folder (config, every key, every shape, finiteness) before
+it changes the model, and refuses what lora_edu cannot compute identically — DoRA,
+LoRA biases, ``bias != "none"``, aLoRA, trainable tokens, layer types it cannot wrap —
+with an :class:`~lora_edu.adapters.AdapterFileError` saying why.  Per-module ranks and
+alphas (``rank_pattern`` / ``alpha_pattern``) are supported with PEFT's matching rule.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import safetensors.torch
+import torch
+import torch.nn as nn
+
+from .adapters import AdapterFileError
+from .atomic import atomic_directory
+from .inject import (
+    _set_submodule,
+    _trainable_registry,
+    _wrapper_for,
+    adapter_names,
+    freeze,
+    lora_layers,
+    set_adapter,
+    trainable_modules_of,
+)
+from .layers import LoRAEmbedding, LoRALayer, LoRALinear, validate_hyperparameters
+
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "PEFT_PREFIX",
+    "save_peft_adapter",
+    "load_peft_adapter",
+    "read_peft_config",
+    "to_peft_state_dict",
+    "peft_key",
+]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # PeftModel.base_model (LoraModel) .model (your model)
+
+# lora_edu layer kind -> (key suffix of A, key suffix of B) in PEFT's files
+_KEYS = {"linear": ("lora_A.weight", "lora_B.weight"), "embedding": ("lora_embedding_A", "lora_embedding_B")}
+
+# Config fields that carry no computation lora_edu would get wrong (provenance, init recipes,
+# fields that only matter for features checked separately below).
+_INFORMATIONAL = {
+    "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout",
+    "fan_in_fan_out", "bias", "use_rslora", "modules_to_save", "init_lora_weights", "layers_to_transform",
+    "layers_pattern", "rank_pattern", "alpha_pattern", "megatron_core", "loftq_config", "eva_config",
+    "corda_config", "lora_ga_config", "use_dora", "lora_bias", "qalora_group_size", "runtime_config",
+    "ensure_weight_tying", "use_qalora",
+}
+# Fields that change what the adapted layer computes; a truthy value is refused.
+_UNSUPPORTED = {
+    "use_dora": "DoRA (weight-decomposed LoRA, Liu et al. 2024) rescales W + ΔW by a learned magnitude vector",
+    "lora_bias": "LoRA biases (lora_bias=true) add a trainable bias to lora_B",
+    "use_qalora": "QA-LoRA pools the input in groups before lora_A",
+    "alora_invocation_tokens": "activated LoRA (aLoRA) switches the adapter on only after invocation tokens",
+    "trainable_token_indices": "trainable tokens replace selected rows of the embedding table",
+    "target_parameters": "target_parameters puts LoRA on raw nn.Parameters (e.g. MoE experts), not on layers",
+    "layer_replication": "layer_replication duplicates base-model layers",
+    "megatron_config": "Megatron tensor-parallel layers are not plain Linear layers",
+    "use_bdlora": "BD-LoRA uses block-diagonal factors",
+    "arrow_config": "Arrow routes between several LoRA experts",
+    "kasa_config": "KaSA adds a singular-value adapter",
+    "velora_config": "VeLoRA changes the backward pass and the layer variant",
+    "monteclora_config": "MonteCLoRA samples the adapter weights",
+}
+# init_lora_weights values whose adapters only make sense on a *modified* base model
+_BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "eva")
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _kind(layer: LoRALayer) -> str:
+    """``"linear"`` (Linear, Conv1D) or ``"embedding"``; ValueError for layers PEFT has no equivalent of."""
+    if isinstance(layer, LoRAEmbedding):
+        return "embedding"
+    if isinstance(layer, LoRALinear):
+        return "linear"
+    hf = sys.modules.get("lora_edu.hf")
+    if hf is not None and isinstance(layer, hf.LoRAConv1D):
+        return "linear"
+    raise ValueError(
+        f"{type(layer).__name__} has no PEFT equivalent that lora_edu knows how to write; "
+        "PEFT format supports LoRALinear, LoRAEmbedding and LoRAConv1D (lora_edu.hf)"
+    )
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    hf = sys.modules.get("lora_edu.hf")
+    return hf is not None and (isinstance(module, hf.LoRAConv1D) or type(module) is hf.Conv1D)
+
+
+def _ensure_hf_registered() -> None:
+    """Register GPT-2's Conv1D if the model could be a transformers model (transformers already imported)."""
+    if "transformers" in sys.modules and "lora_edu.hf" not in sys.modules:
+        try:
+            import lora_edu.hf  # noqa: F401  (registers LoRAConv1D)
+        except ImportError:  # pragma: no cover - broken transformers install
+            pass
+
+
+def peft_key(module_path: str, kind: str, factor: str) -> str:
+    """The key PEFT's file uses for ``factor`` ("A" or "B") of the layer at ``module_path``."""
+    return PEFT_PREFIX + module_path + "." + _KEYS[kind][0 if factor == "A" else 1]
+
+
+def _base_module_names(model: nn.Module) -> list[str]:
+    """Module names as PEFT sees them in the base model: LoRA layers count as their base layer, their insides don't."""
+    inside: list[str] = []
+    out = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(module, LoRALayer):
+            inside.append(name)
+        out.append(name)
+    return out
+
+
+def _peft_targets(target_modules, key: str) -> bool:
+    """PEFT's rule: a string is a ``re.fullmatch`` pattern; a list matches a name or a dotted suffix."""
+    if target_modules is None:
+        return False
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, key) is not None
+    return key in target_modules or any(key.endswith("." + t) for t in target_modules)
+
+
+def _peft_excluded(exclude_modules, key: str) -> bool:
+    if not exclude_modules:
+        return False
+    if isinstance(exclude_modules, str):
+        return re.fullmatch(exclude_modules, key) is not None
+    return key in exclude_modules or any(key.endswith("." + t) for t in exclude_modules)
+
+
+def _pattern_value(patterns: dict, key: str, default):
+    """PEFT's ``get_pattern_key``: the first pattern p with ``re.match(rf"(.*\\.)?({p})$", key)``."""
+    for p, value in patterns.items():
+        if re.match(rf"(.*\.)?({p})$", key):
+            return value
+    return default
+
+
+def _resolve_adapter(model: nn.Module, adapter: str | None) -> str:
+    names = adapter_names(model)
+    if not names:
+        raise ValueError("the model has no LoRA adapters to save; call add_lora(...) first")
+    if adapter is None:
+        active = {l.active_adapter for _, l in lora_layers(model)} - {None}
+        if len(active) != 1:
+            raise ValueError(f"pass adapter=<name>: the model has adapters {names} and active {sorted(active)}")
+        adapter = active.pop()
+    if adapter not in names:
+        raise KeyError(f"no adapter {adapter!r}; available: {names}")
+    return adapter
+
+
+# --------------------------------------------------------------------------------------- save
+
+
+def to_peft_state_dict(model: nn.Module, adapter: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """``(tensors, config)`` of adapter ``adapter`` in PEFT's layout (what :func:`save_peft_adapter` writes)."""
+    adapter = _resolve_adapter(model, adapter)
+    tensors: dict[str, torch.Tensor] = {}
+    per_layer: dict[str, tuple[int, float]] = {}
+    dropouts, rsloras, has_conv1d = set(), set(), False
+    for name, layer in lora_layers(model):
+        if adapter not in layer.adapters:
+            continue
+        kind = _kind(layer)
+        has_conv1d |= _is_conv1d(layer)
+        cfg = layer.adapters[adapter]
+        tensors[peft_key(name, kind, "A")] = layer.lora_A[adapter].detach().cpu().contiguous()
+        tensors[peft_key(name, kind, "B")] = layer.lora_B[adapter].detach().cpu().contiguous()
+        per_layer[name] = (cfg.r, cfg.alpha)
+        if kind == "linear":  # PEFT, like lora_edu, never applies dropout to embedding lookups
+            dropouts.add(cfg.dropout)
+        rsloras.add(cfg.rslora)
+    if len(rsloras) > 1:
+        raise ValueError(f"adapter {adapter!r} mixes α/r and α/√r layers; PEFT has one use_rslora flag per adapter")
+    if len(dropouts) > 1:
+        raise ValueError(f"adapter {adapter!r} uses different dropouts {sorted(dropouts)}; PEFT has one lora_dropout per adapter")
+
+    # The most common (r, α) become the config's r / lora_alpha; the rest go to rank_pattern /
+    # alpha_pattern under their escaped full path (PEFT matches pattern keys as regular expressions).
+    r_default = Counter(r for r, _ in per_layer.values()).most_common(1)[0][0]
+    alpha_default = Counter(a for _, a in per_layer.values()).most_common(1)[0][0]
+    rank_pattern = {re.escape(n): r for n, (r, _) in per_layer.items() if r != r_default}
+    alpha_pattern = {re.escape(n): _json_number(a) for n, (_, a) in per_layer.items() if a != alpha_default}
+
+    # target_modules: the short names if they select exactly the adapted layers, else the full paths
+    adapted = set(per_layer)
+    base_names = _base_module_names(model)
+    short = sorted({n.rsplit(".", 1)[-1] for n in adapted})
+    target_modules = short if {n for n in base_names if _peft_targets(short, n)} == adapted else sorted(adapted)
+
+    extra = trainable_modules_of(model, adapter)
+    for mod_name in extra:
+        for p_name, p in model.get_submodule(mod_name).named_parameters():
+            tensors[f"{PEFT_PREFIX}{mod_name}.{p_name}"] = p.detach().cpu().contiguous()
+
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "revision": None,
+        "inference_mode": True,
+        "r": r_default,
+        "lora_alpha": _json_number(alpha_default),
+        "target_modules": target_modules,
+        "exclude_modules": None,
+        "lora_dropout": next(iter(dropouts), 0.0),
+        "fan_in_fan_out": has_conv1d,  # PEFT decides per layer anyway (True for Conv1D, False for Linear)
+        "bias": "none",
+        "use_rslora": rsloras.pop(),
+        "modules_to_save": extra or None,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_dora": False,
+        "lora_bias": False,
+    }
+    return tensors, config
+
+
+def _json_number(x: float):
+    """α as an int when it is one (PEFT writes ``"lora_alpha": 16``), else a float."""
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def save_peft_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    adapter: str | None = None,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+) -> Path:
+    """Write adapter ``adapter`` (default: the active one) as a PEFT folder at ``path``; returns the folder.
+
+    The folder loads with ``peft.PeftModel.from_pretrained(base_model, path)`` and with
+    :func:`lora_edu.load_adapter`.  Written atomically: an existing folder is replaced
+    only once the new one is complete.  ``base_model_name_or_path`` / ``task_type``
+    (e.g. ``"CAUSAL_LM"``) are recorded for PEFT's ``AutoPeftModel`` classes.
+    """
+    tensors, config = to_peft_state_dict(model, adapter)
+    config["base_model_name_or_path"] = base_model_name_or_path
+    config["task_type"] = task_type
+    data = safetensors.torch.save(tensors, metadata={"format": "pt"})  # PEFT/transformers write format=pt
+    with atomic_directory(path) as tmp:
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / WEIGHTS_NAME).write_bytes(data)
+    return Path(path)
+
+
+# --------------------------------------------------------------------------------------- load
+
+
+def read_peft_config(path: str | os.PathLike) -> dict:
+    """Read and check ``adapter_config.json``; raise :class:`AdapterFileError` for anything lora_edu cannot represent."""
+    folder = Path(path)
+    cfg_path = folder / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise AdapterFileError(f"{folder}: no {CONFIG_NAME}; is this a PEFT adapter folder?")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterFileError(f"{cfg_path} is not valid JSON ({e})") from e
+    if not isinstance(cfg, dict):
+        raise AdapterFileError(f"{cfg_path} must hold a JSON object, got {type(cfg).__name__}")
+
+    where = f"{cfg_path}"
+    peft_type = cfg.get("peft_type")
+    if peft_type != "LORA":
+        raise AdapterFileError(f"{where}: peft_type is {peft_type!r}; lora_edu reads LoRA adapters only (peft_type 'LORA')")
+    for field, what in _UNSUPPORTED.items():
+        if cfg.get(field):
+            raise AdapterFileError(
+                f"{where}: {field}={cfg[field]!r} is not supported: {what}, which lora_edu does not implement. "
+                "Loading only A and B would compute a different function, so nothing was loaded. "
+                "Use PEFT for this adapter, or retrain it as plain LoRA"
+            )
+    if cfg.get("bias", "none") != "none":
+        raise AdapterFileError(
+            f"{where}: bias={cfg['bias']!r} means the adapter also trained bias vectors; lora_edu adapters hold only A and B "
+            "(bias 'none'). Nothing was loaded"
+        )
+    unknown = sorted(k for k, v in cfg.items() if k not in _INFORMATIONAL and k not in _UNSUPPORTED and v not in (None, False, {}, [], ""))
+    if unknown:
+        raise AdapterFileError(
+            f"{where}: unrecognised setting(s) {unknown} (a newer PEFT feature?); lora_edu refuses to guess what they change. "
+            "Nothing was loaded"
+        )
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise AdapterFileError(f"{where}: r must be a positive int, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise AdapterFileError(f"{where}: lora_alpha must be a positive number, got {alpha!r} (lora_edu requires α > 0)")
+    for field in ("rank_pattern", "alpha_pattern"):
+        pattern = cfg.get(field) or {}
+        if not isinstance(pattern, dict):
+            raise AdapterFileError(f"{where}: {field} must be a JSON object, got {pattern!r}")
+        for p in pattern:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise AdapterFileError(f"{where}: {field} key {p!r} is not a valid regular expression ({e})") from None
+    tm = cfg.get("target_modules")
+    if not (isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(t, str) for t in tm))):
+        raise AdapterFileError(f"{where}: target_modules must be a string (regex) or a list of names, got {tm!r}")
+    dropout = cfg.get("lora_dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise AdapterFileError(f"{where}: lora_dropout must be in [0, 1), got {dropout!r}")
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_MUTATING_INITS):
+        warnings.warn(
+            f"{where}: init_lora_weights={init!r} modifies the base weights when the adapter is created; this adapter "
+            "reproduces PEFT's outputs only on that modified base model (or after PEFT's conversion to plain LoRA)",
+            stacklevel=3,
+        )
+    return cfg
+
+
+def _read_peft_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    st = folder / WEIGHTS_NAME
+    if not st.is_file():
+        if (folder / "adapter_model.bin").is_file():
+            raise AdapterFileError(
+                f"{folder}: only the legacy pickle file adapter_model.bin is present; lora_edu reads safetensors only "
+                "(re-save with PEFT's save_pretrained(safe_serialization=True))"
+            )
+        raise AdapterFileError(f"{folder}: no {WEIGHTS_NAME} next to {CONFIG_NAME}")
+    try:
+        return safetensors.torch.load(st.read_bytes())
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise AdapterFileError(f"{st}: cannot read the tensors (corrupt or truncated file?): {e}. Re-save the adapter") from e
+
+
+_FACTOR_RE = re.compile(
+    r"^(?P<mod>.+)\.(?:(?P<lin>lora_[AB])(?:\.(?P<infix1>\w+))?\.weight|(?P<emb>lora_embedding_[AB])(?:\.(?P<infix2>\w+))?)$"
+)
+
+
+def _split_key(key: str) -> tuple[str, str, str, str | None] | None:
+    """``'base_model.model.h.0.attn.c_attn.lora_A.weight'`` → ``('h.0.attn.c_attn', 'linear', 'A', None)``.
+
+    Also accepts keys without the ``base_model.model.`` prefix (transformers' own adapter
+    integration writes those) and PEFT's *in-memory* keys with the adapter name inserted,
+    ``…lora_A.<adapter>.weight`` / ``…lora_embedding_A.<adapter>`` (a ``PeftModel.state_dict()``),
+    returning the adapter name as the last element.  ``None`` for any other key.
+    """
+    m = _FACTOR_RE.match(key.removeprefix(PEFT_PREFIX))
+    if m is None:
+        return None
+    if m["lin"]:
+        return m["mod"], "linear", m["lin"][-1], m["infix1"]
+    return m["mod"], "embedding", m["emb"][-1], m["infix2"]
+
+
+def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None = None) -> nn.Module:
+    """Load the PEFT LoRA adapter folder ``path`` into ``model`` as adapter ``adapter`` (default ``"default"``).
+
+    Works on a plain model (the layers named in the file are wrapped, as PEFT injects
+    them from the config) and on a model that already has LoRA layers with adapter
+    ``adapter`` on exactly those layers (same r, α and scale rule; A and B are overwritten).
+    ``modules_to_save`` (e.g. a new classification head) are copied in and made trainable.
+    The loaded adapter becomes the active one.  Everything is validated before the model
+    is touched; on any problem an :class:`~lora_edu.adapters.AdapterFileError` explains it.
+    """
+    _ensure_hf_registered()
+    folder = Path(path)
+    if not folder.is_dir():
+        raise AdapterFileError(f"{folder} is not a folder; a PEFT adapter is a folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
+    cfg = read_peft_config(folder)
+    tensors = _read_peft_tensors(folder)
+    name = "default" if adapter is None else adapter
+    if not isinstance(name, str) or not name.isidentifier():
+        raise AdapterFileError(f"invalid adapter name {name!r}: adapter names must be Python identifiers")
+
+    # ---- sort the keys: LoRA factors, modules_to_save parameters, anything else is an error ---------------
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    kinds: dict[str, str] = {}
+    saved_modules: list[tuple[str, torch.Tensor]] = []
+    infixes: set[str | None] = set()
+    modules_to_save = cfg.get("modules_to_save") or []
+    if isinstance(modules_to_save, str):
+        modules_to_save = [modules_to_save]
+    for key, t in tensors.items():
+        if "lora_magnitude_vector" in key:
+            raise AdapterFileError(f"{folder}: {key!r} is a DoRA magnitude vector; DoRA adapters are not supported. Nothing was loaded")
+        parsed = _split_key(key)
+        if parsed is not None:
+            mod, kind, factor, infix = parsed
+            infixes.add(infix)
+            if kinds.setdefault(mod, kind) != kind:
+                raise AdapterFileError(f"{folder}: {mod!r} has both Linear-style and Embedding-style LoRA keys")
+            if factor in factors.setdefault(mod, {}):
+                raise AdapterFileError(f"{folder}: duplicate {factor} for {mod!r} (with and without the {PEFT_PREFIX!r} prefix?)")
+            factors[mod][factor] = t
+            continue
+        plain = key.removeprefix(PEFT_PREFIX)
+        mod = plain.rpartition(".")[0]
+        if modules_to_save and any(mod == m or mod.endswith(m) for m in modules_to_save):
+            saved_modules.append((plain, t))
+            continue
+        raise AdapterFileError(
+            f"{folder}: unexpected tensor {key!r}: neither a LoRA factor (lora_A/lora_B/lora_embedding_A/B) "
+            f"nor a parameter of modules_to_save={modules_to_save or None}. Nothing was loaded"
+        )
+    if len(infixes) > 1:
+        raise AdapterFileError(
+            f"{folder}: the keys mix adapter names {sorted(map(str, infixes))}; PEFT files hold one adapter without its name "
+            "(…lora_A.weight). Save with PeftModel.save_pretrained, which strips the in-memory name (…lora_A.default.weight)"
+        )
+    if not factors:
+        raise AdapterFileError(f"{folder}: {WEIGHTS_NAME} holds no LoRA factors (keys like '{PEFT_PREFIX}<module>.lora_A.weight')")
+    for mod, fs in factors.items():
+        missing = {"A", "B"} - set(fs)
+        if missing:
+            raise AdapterFileError(f"{folder}: {mod!r} has no {'/'.join(sorted(missing))} factor in {WEIGHTS_NAME} (truncated or edited file?)")
+
+    # ---- the layers the config targets must be the layers in the file ----------------------------------
+    tm, excl = cfg.get("target_modules"), cfg.get("exclude_modules")
+    base_names = _base_module_names(model)
+    not_targeted = sorted(m for m in factors if not _peft_targets(tm, m) or _peft_excluded(excl, m))
+    if not_targeted:
+        raise AdapterFileError(
+            f"{folder}: the file has weights for {not_targeted[:4]}, which target_modules={tm!r} does not select; "
+            "config and weights disagree"
+        )
+    if not cfg.get("layers_to_transform"):
+        targeted = {
+            n for n in base_names
+            if _peft_targets(tm, n) and not _peft_excluded(excl, n)
+            and not any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", n) for m in modules_to_save)
+            and (isinstance(model.get_submodule(n), LoRALayer) or _wrapper_for(model.get_submodule(n)) is not None)
+        }
+        missing_layers = sorted(targeted - set(factors))
+        if missing_layers:
+            raise AdapterFileError(
+                f"{folder}: target_modules={tm!r} selects {missing_layers[:4]} in this model but the file has no weights for "
+                f"{'it' if len(missing_layers) == 1 else 'them'} ({len(missing_layers)} layers). Wrong base model, or a truncated file?"
+            )
+
+    model_layers = dict(lora_layers(model))
+    have = {n for n, l in model_layers.items() if name in l.adapters}
+    if have and have != set(factors):
+        only_model, only_file = sorted(have - set(factors)), sorted(set(factors) - have)
+        raise AdapterFileError(
+            f"adapter {name!r} in the model covers other layers than {folder}: only in model {only_model[:4]}, "
+            f"only in file {only_file[:4]}. Load under another name (adapter='...') or delete_adapter(model, {name!r}) first"
+        )
+
+    rslora = bool(cfg.get("use_rslora", False))
+    dropout = float(cfg.get("lora_dropout", 0.0))
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    plan = []  # (module path, module, r, alpha, A, B)
+    for mod, fs in factors.items():
+        A, B = fs["A"], fs["B"]
+        try:
+            module = model.get_submodule(mod)
+        except AttributeError:
+            raise AdapterFileError(f"{folder}: the model has no module {mod!r}; was the adapter trained on another architecture?") from None
+        base = module.base if isinstance(module, LoRALayer) else module
+        wrapper = type(module) if isinstance(module, LoRALayer) else _wrapper_for(module)
+        if wrapper is None:
+            hint = " (GPT-2's Conv1D needs `import lora_edu.hf`)" if type(module).__name__ == "Conv1D" else ""
+            raise AdapterFileError(
+                f"{folder}: {mod!r} is a {type(module).__name__}, a layer type lora_edu cannot put LoRA on{hint}. Nothing was loaded"
+            )
+        try:
+            layer_kind = _kind_of_wrapper(wrapper)
+        except ValueError as e:
+            raise AdapterFileError(f"{folder}: {mod!r}: {e}") from None
+        if layer_kind != kinds[mod]:
+            raise AdapterFileError(
+                f"{folder}: {mod!r} is a {type(base).__name__} but the file stores {'embedding' if kinds[mod] == 'embedding' else 'Linear'}-style "
+                "LoRA keys for it"
+            )
+        r = _pattern_value(rank_pattern, mod, cfg["r"])
+        alpha = _pattern_value(alpha_pattern, mod, cfg["lora_alpha"])
+        try:
+            validate_hyperparameters(r, alpha, dropout)
+        except (TypeError, ValueError) as e:
+            raise AdapterFileError(f"{folder}: {mod!r}: {e}") from None
+        if layer_kind == "embedding":
+            n_in, n_out = base.num_embeddings, base.embedding_dim
+        elif _is_conv1d(base):
+            n_in, n_out = base.nx, base.nf
+        else:
+            n_in, n_out = base.in_features, base.out_features
+        if A.ndim != 2 or B.ndim != 2 or tuple(A.shape) != (r, n_in) or tuple(B.shape) != (n_out, r):
+            raise AdapterFileError(
+                f"{folder}: {mod!r} has A {tuple(A.shape)} and B {tuple(B.shape)}; with r={r} this "
+                f"{type(base).__name__} (in={n_in}, out={n_out}) needs A {(r, n_in)} and B {(n_out, r)}. "
+                "Was the adapter trained on a different model size, or is rank_pattern missing?"
+            )
+        for t, what in ((A, "A"), (B, "B")):
+            if not t.is_floating_point():
+                raise AdapterFileError(f"{folder}: {mod}.{what} has dtype {t.dtype}; LoRA factors must be floating point")
+            if not torch.isfinite(t).all():
+                raise AdapterFileError(f"{folder}: {mod}.{what} contains NaN or inf values; the adapter is damaged")
+        if isinstance(module, LoRALayer) and name in module.adapters:
+            have_cfg = module.adapters[name]
+            if (have_cfg.r, have_cfg.alpha, have_cfg.rslora) != (r, float(alpha), rslora):
+                raise AdapterFileError(
+                    f"{folder}: {mod!r} has adapter {name!r} with r={have_cfg.r}, alpha={have_cfg.alpha:g}, scale {have_cfg.scale_rule} "
+                    f"in the model but r={r}, alpha={alpha:g}, scale {'alpha/sqrt(r)' if rslora else 'alpha/r'} in the file; "
+                    f"delete_adapter(model, {name!r}) first or load under another name"
+                )
+            if module.merged_adapter is not None:
+                raise AdapterFileError(f"{mod!r} has a merged adapter; unmerge_lora(model) before loading into it")
+        elif isinstance(module, LoRALayer) and module.merged_adapter is not None:
+            raise AdapterFileError(f"{mod!r} has a merged adapter; unmerge_lora(model) before adding another adapter")
+        plan.append((mod, module, r, float(alpha), A, B))
+
+    extra_plan, extra_modules = [], []
+    for key, t in saved_modules:
+        try:
+            p = model.get_parameter(key)
+        except AttributeError:
+            raise AdapterFileError(f"{folder}: the model has no parameter {key!r} (listed under modules_to_save)") from None
+        if p.shape != t.shape:
+            raise AdapterFileError(f"{folder}: {key} has shape {tuple(p.shape)} in the model but {tuple(t.shape)} in the file")
+        if not torch.isfinite(t).all():
+            raise AdapterFileError(f"{folder}: {key} contains NaN or inf values; the adapter is damaged")
+        extra_plan.append((p, t))
+        mod = key.rpartition(".")[0]
+        if mod not in extra_modules:
+            extra_modules.append(mod)
+
+    # ---- apply (nothing below can fail on bad input) ---------------------------------------------------
+    freeze(model)
+    for mod, module, r, alpha, A, B in plan:
+        if not isinstance(module, LoRALayer):
+            module = _wrapper_for(module)(module, r, alpha, dropout, rslora, adapter=name)
+            _set_submodule(model, mod, module)
+        elif name not in module.adapters:
+            module.add_adapter(name, r, alpha, dropout, rslora)
+        with torch.no_grad():  # copy_ casts: a bf16 file into fp32 adapters, as PEFT's load_state_dict does
+            module.lora_A[name].copy_(A)
+            module.lora_B[name].copy_(B)
+    set_adapter(model, name)
+    for p, t in extra_plan:
+        with torch.no_grad():
+            p.copy_(t)
+        p.requires_grad_(True)
+    _trainable_registry(model)[name] = extra_modules
+    return model
+
+
+def _kind_of_wrapper(wrapper: type) -> str:
+    if issubclass(wrapper, LoRAEmbedding):
+        return "embedding"
+    if issubclass(wrapper, LoRALinear):
+        return "linear"
+    hf = sys.modules.get("lora_edu.hf")
+    if hf is not None and issubclass(wrapper, hf.LoRAConv1D):
+        return "linear"
+    raise ValueError(f"{wrapper.__name__} has no PEFT equivalent (PEFT format covers Linear, Embedding and Conv1D layers)")
+
