@@ -1,0 +1,250 @@
+"""One training loop for everything: pretraining, full fine-tuning and LoRA.
+
+``train(model, task, TrainConfig(...))`` optimises the parameters of ``model`` that
+have ``requires_grad=True`` on a :class:`lora_edu.data.Task` with AdamW. Whether
+that is full fine-tuning or LoRA is decided by the caller (freeze, inject, or
+not); the loop does not know. It reports what the LoRA paper's comparisons are
+about (Hu et al. 2021, §4.2 and Table 4): trainable vs total parameters, wall
+time and peak accelerator memory, alongside a history of losses and metrics.
+
+Options: device ``"auto"`` (CUDA, then Apple MPS, then CPU); bf16 autocast on
+CUDA when the card supports it (fp16 + GradScaler on request; none on CPU);
+gradient clipping; constant / linear / cosine learning rate with linear warmup;
+LoRA+ (Hayou et al. 2024): the ``B`` factors learn ``loraplus_ratio`` times
+faster than everything else. CPU runs with the same seed repeat bit for bit.
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> the first available of CUDA, MPS, CPU; anything else -> ``torch.device(device)``."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"auto"`` -> ``"bf16"`` on CUDA cards that support it, else ``"fp32"``. Autocast is CUDA-only here."""
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be auto|fp32|bf16|fp16, got {precision!r}")
+    if device.type != "cuda":
+        if precision in ("bf16", "fp16"):
+            raise ValueError(f"precision={precision!r} needs a CUDA device (got {device}); use 'auto' or 'fp32'")
+        return "fp32"
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return precision
+
+
+def autocast_context(device: torch.device, precision: str):
+    """The autocast context for a resolved ``precision`` (a no-op for fp32)."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if precision == "fp16":
+        return torch.autocast(device_type=device.type, dtype=torch.float16)
+    return nullcontext()
+
+
+# LoRA B factors live in nn.ParameterDicts named lora_B (lora_edu.layers): "...q_proj.lora_B.default"
+_LORA_B = re.compile(r"(^|\.)lora_B(\.|$)")
+
+
+def is_lora_B(name: str) -> bool:
+    return _LORA_B.search(name) is not None
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200  # optimizer steps
+    batch_size: int = 32
+    lr: float = 3e-3  # peak learning rate (of every parameter except LoRA B under LoRA+)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay, on every trainable parameter
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = 1.0  # max global grad norm; None = no clipping
+    schedule: str = "constant"  # "constant" | "linear" | "cosine" (decay to min_lr_ratio * lr)
+    warmup_steps: int = 0  # linear warmup from 0 to lr over this many steps
+    min_lr_ratio: float = 0.1  # floor of the linear/cosine decay, as a fraction of lr
+    loraplus_ratio: float | None = None  # LoRA+ lambda: lr(B) = lambda * lr; None = same lr (plain LoRA)
+    eval_every: int = 100  # evaluate every this many steps (and always at the end); 0 = only at the end
+    eval_at_start: bool = True  # also evaluate before the first step (the "before" quality)
+    eval_batches: int | None = 20  # batches per evaluation (None = the whole split)
+    eval_split: str = "val"
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" | "mps"
+    precision: str = "auto"  # "auto" (bf16 on capable CUDA, fp32 elsewhere) | "fp32" | "bf16" | "fp16"
+    seed: int = 0  # seeds torch (dropout) and the batch sampler
+    progress: bool = True  # tqdm progress bar
+    desc: str = "train"  # progress bar label
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    history: list[dict]  # one dict per evaluation: step, lr, train_loss, val_loss, val_<metric>, ...
+    final: dict  # the last evaluation's metrics, e.g. {"loss": 1.9, "ppl": 6.7}
+    final_train_loss: float  # mean training loss over the last eval interval
+    steps: int
+    wall_time_s: float  # time spent in the loop, evaluations included
+    train_time_s: float  # the same without evaluations
+    peak_memory_bytes: int | None  # CUDA max_memory_allocated during the run; None on CPU/MPS
+    trainable_params: int
+    total_params: int
+    device: str
+    precision: str
+    config: dict = field(default_factory=dict)
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable_params / max(1, self.total_params)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Multiplier of the peak lr at (0-based) ``step``: linear warmup, then the schedule."""
+    if config.warmup_steps > 0 and step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return 1.0
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    if config.schedule == "linear":
+        decay = 1.0 - progress
+    elif config.schedule == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"schedule must be constant|linear|cosine, got {config.schedule!r}")
+    return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * decay
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters only; under LoRA+ the ``lora_B`` ones get lr * ratio."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("model has no trainable parameters (everything has requires_grad=False)")
+    if config.loraplus_ratio is None:
+        groups = [{"params": [p for _, p in named], "lr": config.lr, "name": "all"}]
+    else:
+        B = [p for n, p in named if is_lora_B(n)]
+        if not B:
+            raise ValueError("loraplus_ratio is set but the model has no trainable '.lora_B.' parameters")
+        rest = [p for n, p in named if not is_lora_B(n)]
+        groups = [{"params": rest, "lr": config.lr, "name": "default"}] if rest else []
+        groups.append({"params": B, "lr": config.lr * config.loraplus_ratio, "name": "lora_B"})
+    for g in groups:
+        g["peak_lr"] = g["lr"]
+    return torch.optim.AdamW(groups, betas=config.betas, weight_decay=config.weight_decay)
+
+
+def train(model: nn.Module, task, config: TrainConfig | None = None, **overrides) -> TrainResult:
+    """Train ``model`` in place on ``task``; return a :class:`TrainResult`.
+
+    ``train(model, task, steps=100, lr=1e-3)`` is shorthand for ``TrainConfig(steps=100, lr=1e-3)``.
+    The model is moved to the resolved device and left there.
+    """
+    config = TrainConfig(**{**asdict(config or TrainConfig()), **overrides})
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    torch.manual_seed(config.seed)  # dropout, and anything else drawing from the global RNG
+    gen = torch.Generator().manual_seed(config.seed)  # the batch sampler (CPU)
+    model.to(device)
+    optimizer = make_optimizer(model, config)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    trainable = sum(p.numel() for p in params)
+    total = sum(p.numel() for p in model.parameters())
+
+    def evaluate() -> dict:
+        with autocast_context(device, precision):
+            return task.evaluate(model, split=config.eval_split, max_batches=config.eval_batches)
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    history: list[dict] = []
+    eval_time, t0 = 0.0, time.perf_counter()
+    pfx = config.eval_split
+    if config.eval_at_start:
+        te = time.perf_counter()
+        history.append({"step": 0, "lr": config.lr * lr_factor(0, config), "train_loss": None,
+                        **{f"{pfx}_{k}": v for k, v in evaluate().items()}})  # fmt: skip
+        eval_time += time.perf_counter() - te
+
+    model.train()
+    running, n_running = 0.0, 0
+    bar = tqdm(range(config.steps), desc=config.desc, disable=not config.progress, leave=False, dynamic_ncols=True)
+    for step in bar:
+        factor = lr_factor(step, config)
+        for g in optimizer.param_groups:
+            g["lr"] = g["peak_lr"] * factor
+        batch = task.get_batch("train", config.batch_size, generator=gen, device=device)
+        with autocast_context(device, precision):
+            loss = task.loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        running += loss.item()
+        n_running += 1
+        if config.progress:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        last = step + 1 == config.steps
+        if last or (config.eval_every > 0 and (step + 1) % config.eval_every == 0):
+            te = time.perf_counter()
+            metrics = evaluate()
+            model.train()
+            eval_time += time.perf_counter() - te
+            history.append({"step": step + 1, "lr": config.lr * factor, "train_loss": running / n_running,
+                            **{f"{pfx}_{k}": v for k, v in metrics.items()}})  # fmt: skip
+            if not last:
+                running, n_running = 0.0, 0
+    bar.close()
+    if not history:  # steps=0 and no evaluation at start: evaluate once so that `final` is defined
+        history.append({"step": 0, "lr": config.lr * lr_factor(0, config), "train_loss": None,
+                        **{f"{pfx}_{k}": v for k, v in evaluate().items()}})  # fmt: skip
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    final_metrics = {k[len(pfx) + 1 :]: v for k, v in history[-1].items() if k.startswith(pfx + "_")}
+    return TrainResult(
+        history=history,
+        final=final_metrics,
+        final_train_loss=running / n_running if n_running else float("nan"),
+        steps=config.steps,
+        wall_time_s=wall,
+        train_time_s=wall - eval_time,
+        peak_memory_bytes=peak,
+        trainable_params=trainable,
+        total_params=total,
+        device=str(device),
+        precision=precision,
+        config=config.to_dict(),
+    )
