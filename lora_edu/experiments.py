@@ -23,6 +23,7 @@ import copy
 import math
 from collections.abc import Sequence
 
+import torch
 import torch.nn as nn
 
 from .counting import count_parameters
@@ -43,19 +44,26 @@ def fine_tune(
     alpha: float | None = None,
     targets: Sequence[str] = ("q_proj", "v_proj"),
     rslora: bool = False,
+    trainable_modules: Sequence[str] = (),
+    init_seed: int | None = None,
     config: TrainConfig | None = None,
     **overrides,
 ) -> tuple[nn.Module, dict]:
     """Fine-tune a *copy* of ``base`` on ``task``; returns (model, record).
 
     ``method="lora"`` injects rank-``r`` adapters (α defaults to 2r, i.e. s = 2) into
-    ``targets``; ``method="full"`` trains every parameter.  The base is never modified.
+    ``targets`` (plus fully trainable ``trainable_modules``, e.g. a head); ``method="full"``
+    trains every parameter.  ``init_seed`` seeds the draw of A (otherwise the global RNG is
+    used).  The base is never modified.
     """
     model = copy.deepcopy(base)
     if method == "lora":
         if r is None:
             raise ValueError("method='lora' needs r")
-        add_lora(model, list(targets), r=r, alpha=2.0 * r if alpha is None else alpha, rslora=rslora)
+        if init_seed is not None:
+            torch.manual_seed(init_seed)
+        add_lora(model, list(targets), r=r, alpha=2.0 * r if alpha is None else alpha, rslora=rslora,
+                 trainable_modules=trainable_modules)  # fmt: skip
     elif method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
