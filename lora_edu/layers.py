@@ -278,6 +278,20 @@ class LoRALinear(LoRALayer):
         B = torch.zeros(self.base.out_features, r, device=device, dtype=dtype)
         return A, B
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ, by the fast path when it applies (see :mod:`lora_edu.fast`).
+
+        The fast path computes exactly :meth:`reference_forward` with one autograd node,
+        fused matrix-add calls and the frozen W kept in the compute dtype (merged, disabled
+        or no active adapter: one ``F.linear`` with that cached W).  It steps aside (returns
+        ``None``) when dropout is in effect, the base weight is trainable, or the dtypes are
+        mixed outside autocast; then the general path (``LoRALayer.forward``) runs.
+        """
+        from . import fast  # local import: fast.py is an optional layer on top of this module
+
+        y = fast.lora_linear_forward(self, x)
+        return super().forward(x) if y is None else y
+
     def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
         """s · dropout(x) Aᵀ Bᵀ for the active adapter: (…, in) → (…, r) → (…, out)."""
         name = self._active()

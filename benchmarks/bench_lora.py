@@ -1,0 +1,511 @@
+#!/usr/bin/env python
+"""LoRA training and inference speed: lora_edu vs PEFT vs the frozen-model floor, in one process.
+
+    python benchmarks/bench_lora.py                  # GPT-2-small shape, CUDA (bf16 autocast, fused AdamW)
+    python benchmarks/bench_lora.py --size cpu       # a smaller decoder that finishes in minutes on a CPU
+    python benchmarks/bench_lora.py --size tiny      # seconds; what tests/test_benchmarks.py runs
+
+Every configuration of issue 6 is built fresh from the same seed, timed for
+``--steps`` steps after ``--warmup`` (median; CUDA events on GPU, wall clock on
+CPU), and its peak GPU memory recorded; one table with ratios to the floor (or to
+the base model for inference) and to PEFT's matching configuration is printed
+and written to ``benchmarks/results/<name>.{json,md}``.  See benchmarks/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import lora_edu  # noqa: E402
+from lora_edu import fast  # noqa: E402
+from lora_edu.models import GPT, GPTConfig  # noqa: E402
+
+try:  # PEFT is optional: its rows are skipped without it
+    import peft  # noqa: E402
+    from peft import LoraConfig, get_peft_model  # noqa: E402
+except Exception:  # pragma: no cover - depends on the environment
+    peft = None
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+QV = ["q_proj", "v_proj"]
+
+# GPT-2-small shape (issue 6): 12 layers, d 768, 12 heads, MLP 768→3072→768, vocab 50,304, batch 8×1024.
+SIZES = {
+    "gpt2": dict(n_layer=12, n_head=12, d_model=768, d_ff=3072, vocab_size=50304, seq=1024, batch=8, steps=20, warmup=5),
+    "cpu": dict(n_layer=4, n_head=4, d_model=256, d_ff=1024, vocab_size=8192, seq=256, batch=4, steps=8, warmup=2),
+    "tiny": dict(n_layer=2, n_head=2, d_model=32, d_ff=64, vocab_size=128, seq=32, batch=2, steps=2, warmup=1),
+}
+
+
+# ----------------------------------------------------------------------------- model + configurations
+def build_model(size: dict, device: torch.device, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    cfg = GPTConfig(
+        vocab_size=size["vocab_size"], block_size=size["seq"], n_layer=size["n_layer"], n_head=size["n_head"],
+        d_model=size["d_model"], d_ff=size["d_ff"], dropout=0.0, bias=True,  # GPT-2 has biases
+    )
+    with torch.device(device):
+        model = GPT(cfg)
+    return model
+
+
+def _randomise_B(params, seed: int = 1) -> None:
+    """B = 0 at init would make every LoRA branch multiply zeros: never time on zeros (device METHOD.md)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.copy_((torch.randn(p.shape, generator=g) * 0.01).to(p))
+
+
+def setup_lora_edu(model, targets, r):
+    lora_edu.add_lora(model, targets=targets, r=r, alpha=2 * r)
+    _randomise_B([l.B for _, l in lora_edu.lora_layers(model)])
+    return lora_edu.lora_parameters(model)
+
+
+def setup_peft(model, targets, r):
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.0, bias="none")
+    pm = get_peft_model(model, cfg)  # injects in place: ``model`` itself now holds PEFT's layers
+    _randomise_B([p for n, p in model.named_parameters() if "lora_B" in n])
+    return pm, [p for p in model.parameters() if p.requires_grad]
+
+
+def setup_floor(model):
+    """Every weight frozen, yet backward runs through the whole network (the embedding output requires grad)."""
+    lora_edu.freeze(model)
+    model.tok_emb.register_forward_hook(lambda m, i, out: out.requires_grad_())
+    return []
+
+
+# name, kind, builder, fast-path options (None: fast path off), PEFT partner
+def configurations(has_peft: bool, ablations: bool):
+    T = []
+    T.append(("full fine-tuning", "train", lambda m: list(m.parameters()), {}, None))
+    T.append(("frozen floor", "train", setup_floor, {}, None))
+    if has_peft:
+        T.append(("PEFT r=8 q,v", "train", lambda m: setup_peft(m, QV, 8)[1], {}, None))
+        T.append(("PEFT r=8 all linear", "train", lambda m: setup_peft(m, ALL_LINEAR, 8)[1], {}, None))
+        T.append(("PEFT r=64 all linear", "train", lambda m: setup_peft(m, ALL_LINEAR, 64)[1], {}, None))
+    T.append(("lora_edu r=8 q,v", "train", lambda m: setup_lora_edu(m, QV, 8), {}, "PEFT r=8 q,v"))
+    T.append(("lora_edu r=8 all linear", "train", lambda m: setup_lora_edu(m, ALL_LINEAR, 8), {}, "PEFT r=8 all linear"))
+    T.append(("lora_edu r=64 all linear", "train", lambda m: setup_lora_edu(m, ALL_LINEAR, 64), {}, "PEFT r=64 all linear"))
+    if ablations:
+        lo = lambda m: setup_lora_edu(m, ALL_LINEAR, 8)  # noqa: E731
+        T.append(("ablation r=8 all: general path (fast off)", "train", lo, None, "PEFT r=8 all linear"))
+        T.append(("ablation r=8 all: fast, no weight cache", "train", lo, dict(weight_cache=False), "PEFT r=8 all linear"))
+        T.append(("ablation r=8 all: fast, no shared input cast", "train", lo, dict(share_input_cast=False), "PEFT r=8 all linear"))
+        T.append(("ablation r=8 all: fast, base GEMM first", "train", lo, dict(lora_first=False), "PEFT r=8 all linear"))
+    T.append(("inference: base model", "infer", lambda m: [], {}, None))
+    T.append(("inference: lora_edu unmerged (r=8 all)", "infer", lambda m: setup_lora_edu(m, ALL_LINEAR, 8), {}, "inference: PEFT unmerged (r=8 all)"))
+
+    def lora_merged(m):
+        setup_lora_edu(m, ALL_LINEAR, 8)
+        lora_edu.merge_lora(m)
+        return []
+
+    T.append(("inference: lora_edu merged", "infer", lora_merged, {}, "inference: PEFT merged"))
+    if ablations:
+        T.append(("ablation inference: lora_edu unmerged, fast off", "infer", lambda m: setup_lora_edu(m, ALL_LINEAR, 8), None, "inference: PEFT unmerged (r=8 all)"))
+    if has_peft:
+        T.append(("inference: PEFT unmerged (r=8 all)", "infer", lambda m: setup_peft(m, ALL_LINEAR, 8)[1], {}, None))
+
+        def peft_merged(m):
+            pm, _ = setup_peft(m, ALL_LINEAR, 8)
+            return pm.merge_and_unload()
+
+        T.append(("inference: PEFT merged", "infer", peft_merged, {}, None))
+    return T
+
+
+# ----------------------------------------------------------------------------- timing
+def timed(fn, steps: int, warmup: int, device: torch.device) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+        for s, e in ev:
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize(device)
+        return [s.elapsed_time(e) for s, e in ev]
+    out = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def autocast_ctx(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def run_one(name, kind, builder, options, size, device, precision, steps, warmup, data, graphs=False, compile_=False):
+    """Build the configuration fresh, time it; ``graphs``: capture the whole step in a CUDA graph and time replays."""
+    model = build_model(size, device)
+    out = builder(model)
+    if isinstance(out, nn.Module):  # PEFT merge_and_unload returns the plain model
+        model, params = out, []
+    else:
+        params = out
+    idx, tgt = data
+    fast_ctx = fast.use_fast_path(False) if options is None else fast.use_fast_path(True, **options)
+    opt = None
+    fwd = torch.compile(model) if compile_ else model
+    if kind == "train":
+        model.train()
+        if params:
+            kw = dict(fused=True, capturable=True) if graphs else dict(fused=device.type == "cuda")
+            opt = torch.optim.AdamW(params, lr=1e-4, **kw)
+
+        def body():
+            with autocast_ctx(device, precision):
+                logits = fwd(idx)
+                loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), tgt.view(-1))
+            loss.backward()
+            if opt is not None:
+                opt.step()
+
+        def fn():
+            body()
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+    else:
+        model.eval()
+
+        def body():
+            with torch.no_grad(), autocast_ctx(device, precision):
+                fwd(idx)
+
+        fn = body
+
+    n_trainable = sum(p.numel() for p in params)
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    with fast_ctx:
+        if graphs:  # PyTorch's whole-network capture recipe: warm up on a side stream, grads None before capture
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    fn()
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                body()
+            times = timed(graph.replay, steps, warmup, device)
+            del graph
+        else:
+            times = timed(fn, steps, warmup, device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if (device.type == "cuda" and not graphs) else None
+    del model, opt, params, out, fn, body, fwd
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return dict(
+        name=name, kind=kind, ms=statistics.median(times), ms_min=min(times), ms_all=times,
+        peak_gib=peak, trainable=n_trainable, fast_path=options is not None,
+    )
+
+
+# ----------------------------------------------------------------------------- check + profile
+def equivalence_check(size, device, precision, data) -> dict:
+    """Same weights, same A and B: lora_edu's fast path, its general path and PEFT give the same logits."""
+    idx = data[0][:2]
+    m1 = build_model(size, device)
+    setup_lora_edu(m1, ALL_LINEAR, 8)
+    res = {}
+    with torch.no_grad(), autocast_ctx(device, precision):
+        y_fast = m1(idx).float()
+        with fast.use_fast_path(False):
+            y_gen = m1(idx).float()
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    res["fast_vs_general_rel"] = rel(y_fast, y_gen)
+    if peft is not None:
+        m2 = build_model(size, device)
+        setup_peft(m2, ALL_LINEAR, 8)
+        sd = {}
+        for name, layer in lora_edu.lora_layers(m1):
+            sd[f"{name}.lora_A.default.weight"] = layer.A.detach()
+            sd[f"{name}.lora_B.default.weight"] = layer.B.detach()
+        missing = [k for k in sd if k not in dict(m2.named_parameters())]
+        assert not missing, missing[:3]
+        with torch.no_grad():
+            for k, p in m2.named_parameters():
+                if k in sd:
+                    p.copy_(sd[k])
+            with autocast_ctx(device, precision):
+                y_peft = m2(idx).float()
+        res["fast_vs_peft_rel"] = rel(y_fast, y_peft)
+        del m2
+    del m1
+    gc.collect()
+    return res
+
+
+def profile_pair(size, device, precision, data, out_dir: Path) -> str:
+    """Per-kernel CUDA time of one training step: frozen floor vs lora_edu r=8 all linear."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tables = {}
+    for label, builder in (("floor", setup_floor), ("lora_r8_all", lambda m: setup_lora_edu(m, ALL_LINEAR, 8))):
+        model = build_model(size, device)
+        params = builder(model)
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None
+        idx, tgt = data
+
+        def fn():
+            with autocast_ctx(device, precision):
+                logits = model(idx)
+                loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), tgt.view(-1))
+            loss.backward()
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        n = 3
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(n):
+                fn()
+            torch.cuda.synchronize()
+        k = {}
+        for e in prof.key_averages():
+            t = getattr(e, "device_time_total", None)
+            if t is None:
+                t = e.cuda_time_total
+            if t > 0:
+                k[e.key] = (k.get(e.key, (0, 0))[0] + t / n / 1e3, k.get(e.key, (0, 0))[1] + e.count // n)
+        tables[label] = k
+        del model, opt, params
+        gc.collect()
+        torch.cuda.empty_cache()
+    lines = ["| kernel | floor ms/step | lora ms/step | Δ ms | calls floor → lora |", "|---|---|---|---|---|"]
+    keys = set(tables["floor"]) | set(tables["lora_r8_all"])
+    rows = []
+    for key in keys:
+        a, ca = tables["floor"].get(key, (0.0, 0))
+        b, cb = tables["lora_r8_all"].get(key, (0.0, 0))
+        rows.append((b - a, key, a, b, ca, cb))
+    rows.sort(key=lambda r: -abs(r[0]))
+    tot_a = sum(v[0] for v in tables["floor"].values())
+    tot_b = sum(v[0] for v in tables["lora_r8_all"].values())
+    for d, key, a, b, ca, cb in rows[:25]:
+        lines.append(f"| `{key[:90]}` | {a:.3f} | {b:.3f} | {d:+.3f} | {ca} → {cb} |")
+    lines.append(f"| **sum of kernel time** | {tot_a:.2f} | {tot_b:.2f} | {tot_b - tot_a:+.2f} | |")
+    text = "\n".join(lines)
+    (out_dir / "profile_floor_vs_lora.md").write_text(text + "\n")
+    return text
+
+
+# ----------------------------------------------------------------------------- report
+def add_ratios(rows: list[dict], partners: dict) -> None:
+    by = {r["name"]: r for r in rows}
+    floor = by.get("frozen floor")
+    base = by.get("inference: base model")
+    for r in rows:
+        ref = floor if r["kind"] == "train" else base
+        p = by.get(partners.get(r["name"]) or "")
+        for suffix in ("", "_graph"):
+            ms = r.get("ms" + suffix)
+            ok = ms is not None
+            r["ratio_ref" + suffix] = ms / ref["ms" + suffix] if (ok and ref and ref.get("ms" + suffix)) else None
+            r["ratio_peft" + suffix] = ms / p["ms" + suffix] if (ok and p and p.get("ms" + suffix)) else None
+        r["mem_ratio_floor"] = (
+            r["peak_gib"] / floor["peak_gib"] if (r["kind"] == "train" and floor and r["peak_gib"] and floor["peak_gib"]) else None
+        )
+
+
+def goals(rows: list[dict]) -> list[tuple[str, float | None, str, bool | None]]:
+    by = {r["name"]: r for r in rows}
+    g = []
+
+    def add(label, v, target, test):
+        g.append((label, v, target, None if v is None else bool(test(v))))
+
+    lo = by.get("lora_edu r=8 all linear")
+    un = by.get("inference: lora_edu unmerged (r=8 all)")
+    me = by.get("inference: lora_edu merged")
+    for suffix, mode in (("", "eager"), ("_graph", "CUDA graph")):
+        if lo and lo.get("ms" + suffix) is not None:
+            add(f"r=8 all-linear step / floor ({mode})", lo["ratio_ref" + suffix], "≤ 1.15", lambda v: v <= 1.15)
+            add(f"r=8 all-linear step / PEFT ({mode})", lo["ratio_peft" + suffix], "≤ 0.75", lambda v: v <= 0.75)
+        if un and un.get("ms" + suffix) is not None:
+            add(f"unmerged inference / base ({mode})", un["ratio_ref" + suffix], "≤ 1.30", lambda v: v <= 1.30)
+        if me and me.get("ms" + suffix) is not None:
+            add(f"merged inference / base ({mode})", me["ratio_ref" + suffix], "within 3 % (or faster)", lambda v: v <= 1.03)
+    if lo and lo["mem_ratio_floor"] is not None:
+        add("r=8 all-linear peak memory / floor", lo["mem_ratio_floor"], "≤ 1.10", lambda v: v <= 1.10)
+    return g
+
+
+def _f(v, fmt):
+    return "–" if v is None else format(v, fmt)
+
+
+def render(meta: dict, rows: list[dict], goal_rows, check: dict) -> str:
+    out = [f"# LoRA benchmark: {meta['size_name']} on {meta['device_name']}" + (" (torch.compile)" if meta.get("compiled") else ""), ""]
+    out.append(
+        f"{meta['date']} · torch {meta['torch']} · peft {meta['peft'] or 'not installed'} · "
+        f"{meta['precision']} · batch {meta['batch']}×{meta['seq']} tokens · median of {meta['steps']} steps "
+        f"after {meta['warmup']} warm-up ({meta['timer']})"
+    )
+    out.append("")
+    out.append(f"Model: {meta['model']}")
+    out.append("")
+    graphs = any(r.get("ms_graph") is not None for r in rows)
+    head = "| configuration | step (ms) | peak memory (GiB) | × floor / base | × PEFT | memory × floor |"
+    sep = "|---|---|---|---|---|---|"
+    if graphs:
+        head += " CUDA graph (ms) | graph × floor / base | graph × PEFT |"
+        sep += "---|---|---|"
+    out += [head + " trainable params |", sep + "---|"]
+    for r in rows:
+        line = (
+            f"| {r['name']} | {r['ms']:.2f} | {_f(r['peak_gib'], '.2f')} | {_f(r['ratio_ref'], '.3f')} | "
+            f"{_f(r['ratio_peft'], '.3f')} | {_f(r['mem_ratio_floor'], '.3f')} |"
+        )
+        if graphs:
+            line += f" {_f(r.get('ms_graph'), '.2f')} | {_f(r.get('ratio_ref_graph'), '.3f')} | {_f(r.get('ratio_peft_graph'), '.3f')} |"
+        out.append(line + f" {r['trainable']:,} |")
+    out.append("")
+    out.append(
+        "Training rows are ratioed to the frozen floor, inference rows to the base model. "
+        "'step' is eager PyTorch (Python dispatch and kernel launches included); "
+        "'CUDA graph' replays the same step captured in one graph (launch overhead removed: GPU time)."
+    )
+    out.append("")
+    if goal_rows:
+        out.append("| goal (issue 6) | measured | target | met |")
+        out.append("|---|---|---|---|")
+        for name, v, target, ok in goal_rows:
+            out.append(f"| {name} | {_f(v, '.3f')} | {target} | {'–' if ok is None else ('yes' if ok else 'no')} |")
+        out.append("")
+    if check:
+        out.append("Equivalence check (same weights and adapters, logits, relative Frobenius error): " + ", ".join(f"{k} = {v:.2e}" for k, v in check.items()))
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", choices=sorted(SIZES), default=None, help="gpt2 (default on CUDA), cpu (default on CPU), tiny")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--no-peft", action="store_true", help="skip PEFT rows even if peft is installed")
+    ap.add_argument("--no-ablations", action="store_true", help="skip the fast-path ablation rows")
+    ap.add_argument("--no-graphs", action="store_true", help="CUDA: skip the CUDA-graph replay timings")
+    ap.add_argument("--compile", action="store_true", help="only the key rows, each model under torch.compile (default mode)")
+    ap.add_argument("--profile", action="store_true", help="CUDA only: per-kernel time of floor vs lora_edu r=8 all linear")
+    ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--name", default=None, help="file stem of the results (default: gpu_<card> or cpu)")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    size_name = args.size or ("gpt2" if device.type == "cuda" else "cpu")
+    size = dict(SIZES[size_name])
+    steps = args.steps or size["steps"]
+    warmup = args.warmup if args.warmup is not None else size["warmup"]
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    has_peft = peft is not None and not args.no_peft
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+    g = torch.Generator().manual_seed(123)
+    idx = torch.randint(0, size["vocab_size"], (size["batch"], size["seq"]), generator=g).to(device)
+    tgt = torch.randint(0, size["vocab_size"], (size["batch"], size["seq"]), generator=g).to(device)
+    data = (idx, tgt)
+
+    probe = build_model(size, torch.device("meta"))
+    meta = dict(
+        date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        device_name=device_name, device=str(device), torch=torch.__version__,
+        cuda=torch.version.cuda, peft=getattr(peft, "__version__", None) if has_peft else None,
+        python=platform.python_version(), size_name=size_name, precision=precision,
+        batch=size["batch"], seq=size["seq"], steps=steps, warmup=warmup,
+        timer="CUDA events" if device.type == "cuda" else "wall clock", compiled=bool(args.compile),
+        model=(
+            f"GPT decoder, {size['n_layer']} layers, d_model {size['d_model']}, {size['n_head']} heads, "
+            f"MLP {size['d_model']}→{size['d_ff']}→{size['d_model']}, vocabulary {size['vocab_size']:,}, biases, "
+            f"{sum(p.numel() for p in probe.parameters()) / 1e6:.1f} M parameters (lora_edu.models.GPT), "
+            "fp32 weights, AdamW" + (" (fused)" if device.type == "cuda" else "")
+        ),
+    )
+    del probe
+    print(f"# {meta['model']}\n# {device_name}, torch {meta['torch']}, peft {meta['peft']}, {precision}", flush=True)
+
+    check = equivalence_check(size, device, precision, data)
+    print("# equivalence:", check, flush=True)
+
+    rows, partners = [], {}
+    graphs = device.type == "cuda" and not args.no_graphs
+    configs = configurations(has_peft, not args.no_ablations)
+    if args.compile:
+        keep = ("frozen floor", "PEFT r=8 all linear", "lora_edu r=8 all linear", "inference: base model",
+                "inference: lora_edu unmerged (r=8 all)", "inference: PEFT unmerged (r=8 all)")
+        configs = [c for c in configs if c[0] in keep]
+        graphs = False
+    for name, kind, builder, options, partner in configs:  # eager pass: times and clean peak memory
+        r = run_one(name, kind, builder, options, size, device, precision, steps, warmup, data, compile_=args.compile)
+        partners[name] = partner
+        rows.append(r)
+        print(f"  {name:<50} {r['ms']:9.2f} ms  peak {_f(r['peak_gib'], '.2f')} GiB", flush=True)
+    if graphs:  # second pass, after every eager row, so that no graph pool can inflate an eager peak
+        for r, (name, kind, builder, options, partner) in zip(rows, configs):
+            rg = run_one(name, kind, builder, options, size, device, precision, steps, warmup, data, graphs=True)
+            r["ms_graph"], r["ms_graph_all"] = rg["ms"], rg["ms_all"]
+            print(f"  {name:<50} {r['ms_graph']:9.2f} ms  (CUDA graph)", flush=True)
+    add_ratios(rows, partners)
+    goal_rows = goals(rows) if device.type == "cuda" else [gr for gr in goals(rows) if "memory" not in gr[0]]
+    text = render(meta, rows, goal_rows, check)
+    out_dir = Path(args.out_dir)
+    if args.profile and device.type == "cuda":
+        out_dir.mkdir(parents=True, exist_ok=True)
+        prof = profile_pair(size, device, precision, data, out_dir)
+        text += "\n## Where the time goes: CUDA kernels per training step, floor vs lora_edu r=8 all linear\n\n" + prof + "\n"
+    print()
+    print(text)
+    result = dict(meta=meta, rows=rows, goals=[dict(goal=a, measured=b, target=c, met=d) for a, b, c, d in goal_rows], check=check)
+    if not args.no_write:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = args.name or ("cpu" if device.type == "cpu" else "gpu_" + device_name.lower().replace("nvidia", "").strip().split()[0])
+        (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
+        (out_dir / f"{stem}.md").write_text(text + "\n")
+        print(f"# wrote {out_dir / stem}.json and .md")
+    return result
+
+
+if __name__ == "__main__":
+    main()
