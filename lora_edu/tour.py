@@ -116,11 +116,11 @@ def run(args: argparse.Namespace) -> int:
 
     _say("6. Summary")
 
-    def row(name, res, q, trainable):
+    def row(name, res, q, trainable, total):
         return {
             "model": name,
             "trainable": trainable,
-            "trainable %": 100.0 * trainable / full_total,
+            "trainable %": 100.0 * trainable / total,
             "wall s": None if res is None else res.wall_time_s,
             "peak MB": None if res is None or res.peak_memory_bytes is None else res.peak_memory_bytes / 1e6,
             "target loss": q["target_loss"],
@@ -128,9 +128,9 @@ def run(args: argparse.Namespace) -> int:
         }
 
     rows = [
-        row("base (pretrained)", None, before, 0),
-        row(f"LoRA r={args.r}", lora_res, after_lora, counts.trainable),
-        row("full fine-tuning", full_res, after_full, full_total),
+        row("base (pretrained)", None, before, 0, full_total),
+        row(f"LoRA r={args.r}", lora_res, after_lora, counts.trainable, counts.total),
+        row("full fine-tuning", full_res, after_full, full_total, full_total),
     ]
     print(format_table(rows, list(rows[0])))
     print(f"merge error ({str(report.dtype)[6:]}): max {report.max_abs_error:.3g}, relative {report.rel_error:.3g} -> {'PASSED' if report.passed else 'FAILED'}")
