@@ -56,6 +56,21 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def resolve_adapter(model: nn.Module, adapter: str | None) -> str:
+    """The adapter to save: ``adapter`` if the model has it, else the single active one."""
+    names = adapter_names(model)
+    if not names:
+        raise ValueError("the model has no LoRA adapters to save; call add_lora(...) first")
+    if adapter is None:
+        active = {l.active_adapter for _, l in lora_layers(model)} - {None}
+        if len(active) != 1:
+            raise ValueError(f"pass adapter=<name>: the model has adapters {names} and active {sorted(active)}")
+        adapter = active.pop()
+    if adapter not in names:
+        raise KeyError(f"no adapter {adapter!r}; available: {names}")
+    return adapter
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None = None, format: str = "lora_edu") -> Path:
     """Save one adapter (default: the active one) to ``path``; returns the path written.
 
@@ -68,17 +83,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
         return save_peft_adapter(model, path, adapter=adapter)
     if format != "lora_edu":
         raise ValueError(f"unknown adapter format {format!r}; use 'lora_edu' or 'peft'")
-    names = adapter_names(model)
-    if not names:
-        raise ValueError("the model has no LoRA adapters to save; call add_lora(...) first")
-    if adapter is None:
-        active = {l.active_adapter for _, l in lora_layers(model)} - {None}
-        if len(active) != 1:
-            raise ValueError(f"pass adapter=<name>: the model has adapters {names} and active {sorted(active)}")
-        adapter = active.pop()
-    if adapter not in names:
-        raise KeyError(f"no adapter {adapter!r}; available: {names}")
-
+    adapter = resolve_adapter(model, adapter)
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
     for name, layer in lora_layers(model):

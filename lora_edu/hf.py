@@ -38,20 +38,7 @@ class LoRAConv1D(LoRALayer):
     """
 
     base: Conv1D
-
-    def __init__(
-        self,
-        base: Conv1D,
-        r: int,
-        alpha: float,
-        dropout: float = 0.0,
-        rslora: bool = False,
-        adapter: str = "default",
-    ) -> None:
-        if not isinstance(base, Conv1D):
-            raise TypeError(f"LoRAConv1D wraps a transformers Conv1D, got {type(base).__name__}")
-        super().__init__(base)
-        self.add_adapter(adapter, r, alpha, dropout, rslora)
+    base_type = Conv1D
 
     @property
     def in_features(self) -> int:

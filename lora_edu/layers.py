@@ -85,8 +85,19 @@ class LoRALayer(nn.Module):
     """
 
     base: nn.Module
+    base_type: type[nn.Module] = nn.Module  #: the layer type a subclass wraps
 
-    def __init__(self, base: nn.Module) -> None:
+    def __init__(
+        self,
+        base: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        adapter: str = "default",
+    ) -> None:
+        if not isinstance(base, self.base_type):
+            raise TypeError(f"{type(self).__name__} wraps a {self.base_type.__name__} layer, got {type(base).__name__}")
         super().__init__()
         self.base = base
         self.base.requires_grad_(False)  # freeze W (and b): only A and B learn
@@ -97,6 +108,7 @@ class LoRALayer(nn.Module):
         self.active_adapter: str | None = None
         self.merged_adapter: str | None = None  # name of the adapter folded into base.weight, if any
         self.disabled = False  # set by lora_edu.disable_lora(): run the plain base layer
+        self.add_adapter(adapter, r, alpha, dropout, rslora)
 
     # ----------------------------------------------------------------- adapters
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False) -> None:
@@ -241,20 +253,7 @@ class LoRALinear(LoRALayer):
     """
 
     base: nn.Linear
-
-    def __init__(
-        self,
-        base: nn.Linear,
-        r: int,
-        alpha: float,
-        dropout: float = 0.0,
-        rslora: bool = False,
-        adapter: str = "default",
-    ) -> None:
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
-        super().__init__(base)
-        self.add_adapter(adapter, r, alpha, dropout, rslora)
+    base_type = nn.Linear
 
     @property
     def in_features(self) -> int:
@@ -338,20 +337,7 @@ class LoRAEmbedding(LoRALayer):
     """
 
     base: nn.Embedding
-
-    def __init__(
-        self,
-        base: nn.Embedding,
-        r: int,
-        alpha: float,
-        dropout: float = 0.0,
-        rslora: bool = False,
-        adapter: str = "default",
-    ) -> None:
-        if not isinstance(base, nn.Embedding):
-            raise TypeError(f"LoRAEmbedding wraps an nn.Embedding, got {type(base).__name__}")
-        super().__init__(base)
-        self.add_adapter(adapter, r, alpha, dropout, rslora)
+    base_type = nn.Embedding
 
     @property
     def weight(self) -> torch.Tensor:

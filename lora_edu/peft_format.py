@@ -50,9 +50,10 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from .adapters import AdapterFileError
+from .adapters import AdapterFileError, resolve_adapter
 from .atomic import atomic_directory
 from .inject import (
+    _candidate_modules,
     _set_submodule,
     _trainable_registry,
     _wrapper_for,
@@ -151,15 +152,7 @@ def peft_key(module_path: str, kind: str, factor: str) -> str:
 
 def _base_module_names(model: nn.Module) -> list[str]:
     """Module names as PEFT sees them in the base model: LoRA layers count as their base layer, their insides don't."""
-    inside: list[str] = []
-    out = []
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(p + ".") for p in inside):
-            continue
-        if isinstance(module, LoRALayer):
-            inside.append(name)
-        out.append(name)
-    return out
+    return [name for name, _ in _candidate_modules(model)]
 
 
 def _peft_targets(target_modules, key: str) -> bool:
@@ -187,18 +180,6 @@ def _pattern_value(patterns: dict, key: str, default):
     return default
 
 
-def _resolve_adapter(model: nn.Module, adapter: str | None) -> str:
-    names = adapter_names(model)
-    if not names:
-        raise ValueError("the model has no LoRA adapters to save; call add_lora(...) first")
-    if adapter is None:
-        active = {l.active_adapter for _, l in lora_layers(model)} - {None}
-        if len(active) != 1:
-            raise ValueError(f"pass adapter=<name>: the model has adapters {names} and active {sorted(active)}")
-        adapter = active.pop()
-    if adapter not in names:
-        raise KeyError(f"no adapter {adapter!r}; available: {names}")
-    return adapter
 
 
 # --------------------------------------------------------------------------------------- save
@@ -206,7 +187,7 @@ def _resolve_adapter(model: nn.Module, adapter: str | None) -> str:
 
 def to_peft_state_dict(model: nn.Module, adapter: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """``(tensors, config)`` of adapter ``adapter`` in PEFT's layout (what :func:`save_peft_adapter` writes)."""
-    adapter = _resolve_adapter(model, adapter)
+    adapter = resolve_adapter(model, adapter)
     tensors: dict[str, torch.Tensor] = {}
     per_layer: dict[str, tuple[int, float]] = {}
     dropouts, rsloras, has_conv1d = set(), set(), False

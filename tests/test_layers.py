@@ -130,7 +130,7 @@ def test_bad_hyperparameters(kwargs, exc, msg):
 
 
 def test_wrong_base_type():
-    with pytest.raises(TypeError, match="wraps an nn.Linear, got Conv2d"):
+    with pytest.raises(TypeError, match="LoRALinear wraps a Linear layer, got Conv2d"):
         L.LoRALinear(nn.Conv2d(3, 3, 1), r=2, alpha=2)
 
 
