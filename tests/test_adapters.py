@@ -183,3 +183,6 @@ def test_atomic_write_keeps_old_file_on_crash(tmp_path, monkeypatch):
 def test_atomic_write_bytes(tmp_path):
     p = atomic_write_bytes(tmp_path / "sub" / "f.bin", b"abc")
     assert p.read_bytes() == b"abc"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert p.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600
