@@ -89,3 +89,19 @@ def test_grade_folder_good_wrong_crashing_endless_malicious(tmp_path):
 def test_grade_bad_arguments(argv, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(argv) == code
+
+
+def test_committed_student_handout_is_current(tmp_path):
+    """docs/student_handout/ is what `lora-edu exercises make-student` writes today (regenerate it if this fails)."""
+    from pathlib import Path
+
+    from lora_edu import cli
+
+    assert cli.main(["exercises", "make-student", str(tmp_path)]) == 0
+    committed = Path(__file__).resolve().parents[1] / "docs" / "student_handout"
+    fresh = sorted(p.name for p in tmp_path.glob("*.ipynb"))
+    assert fresh == sorted(p.name for p in committed.glob("*.ipynb"))
+    for name in fresh:
+        assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), (
+            f"{name} is stale: run `lora-edu exercises make-student docs/student_handout --force`"
+        )
