@@ -250,3 +250,31 @@ def near(a: float, b: float, tol: float = 0.02) -> bool:
 
 def fmt(x: float) -> str:
     return f"{x:.4g}"
+
+
+# ----------------------------------------------------------------- notebook answers
+def answer(sub, name: str, fn: bool = False):
+    """``sub[name]`` from the dict of answers a notebook's check cell passes; a clear ``Fail`` otherwise."""
+    if not isinstance(sub, dict):
+        raise Fail(f"check() received {type(sub).__name__}", expected="a dict of your answers, as in the notebook's last cell")
+    if name not in sub:
+        raise Fail(f"your notebook defines no `{name}`", hint=f"define `{name}` in the exercise cell (and list it in the check cell)")
+    v = sub[name]
+    if fn and not callable(v):
+        raise Fail(f"`{name}` is not a function", expected=f"def {name}(...): ...")
+    return v
+
+
+def as_float(v, what: str, nonfinite_hint: str = "") -> float:
+    """A student's scalar (number or one-element tensor) as a finite float; a clear ``Fail`` otherwise."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise Fail(f"{what} is a tensor of shape {tuple(v.shape)}", expected="one number", hint="reduce with .max() and convert with .item()")
+        v = v.item()
+    try:
+        f = float(v)
+    except (TypeError, ValueError, OverflowError):
+        raise Fail(f"{what} is {type(v).__name__}, not a number") from None
+    if not math.isfinite(f):
+        raise Fail(f"{what} is {f}", hint=nonfinite_hint)
+    return f

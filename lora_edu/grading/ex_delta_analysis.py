@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .battery import Exercise, Fail, as_tensor, call, fmt
+from .battery import Exercise, Fail, answer, as_float, as_tensor, call, fmt
 
 EXERCISE = Exercise(
     name="delta_analysis",
@@ -22,17 +22,6 @@ EXERCISE = Exercise(
     symbols=("singular_values", "energy_rank", "subspace_similarity", "sigma_dW", "k90", "phi_top", "chance_top"),
 )
 case = EXERCISE.case
-
-
-def _get(sub, name, fn=False):
-    if not isinstance(sub, dict):
-        raise Fail(f"check() received {type(sub).__name__}", expected="a dict of your answers, as in the notebook's last cell")
-    if name not in sub:
-        raise Fail(f"your notebook defines no `{name}`", hint=f"define `{name}` in the exercise cell (and list it in the check cell)")
-    v = sub[name]
-    if fn and not callable(v):
-        raise Fail(f"`{name}` is not a function", expected=f"def {name}(...): ...")
-    return v
 
 
 def _sv(M):
@@ -61,21 +50,9 @@ def _int(v, what):
     return int(v)
 
 
-def _float(v, what):
-    if isinstance(v, torch.Tensor) and v.numel() == 1:
-        v = v.item()
-    try:
-        f = float(v)
-    except (TypeError, ValueError, OverflowError):
-        raise Fail(f"{what} is {type(v).__name__}, not a number") from None
-    if not math.isfinite(f):
-        raise Fail(f"{what} is {f}")
-    return f
-
-
 @case("singular_values(M): all of them, descending, float64-accurate", "spectrum")
 def spectrum(sub):
-    fn = _get(sub, "singular_values", fn=True)
+    fn = answer(sub, "singular_values", fn=True)
     g = torch.Generator().manual_seed(5)
     for shape in ((12, 7), (5, 20), (16, 16)):
         M = torch.randn(*shape, generator=g, dtype=torch.float64)
@@ -96,7 +73,7 @@ def spectrum(sub):
 
 @case("energy_rank(sigma, threshold): smallest k with Σ_{i≤k} σ_i² ≥ threshold·Σσ²", "energy", points=2)
 def energy(sub):
-    fn = _get(sub, "energy_rank", fn=True)
+    fn = answer(sub, "energy_rank", fn=True)
     cases = [
         (torch.tensor([2.0, 2.0], dtype=torch.float64), 0.5),  # exactly at the threshold: ≥, not >
         (torch.tensor([3.0, 1.0, 1.0, 0.5], dtype=torch.float64), 0.9),  # σ vs σ² disagree here
@@ -124,7 +101,7 @@ def energy(sub):
 
 @case("subspace_similarity(A1, A2, i, j): ‖U1ᵢᵀ U2ⱼ‖²_F / min(i, j) with U = right singular vectors", "similarity", points=2)
 def similarity(sub):
-    fn = _get(sub, "subspace_similarity", fn=True)
+    fn = answer(sub, "subspace_similarity", fn=True)
     g = torch.Generator().manual_seed(6)
     D = 24
     base = torch.randn(2, D, generator=g, dtype=torch.float64)
@@ -132,7 +109,7 @@ def similarity(sub):
     A2 = torch.cat([base * 2 + 0.1 * torch.randn(2, D, generator=g, dtype=torch.float64), torch.randn(6, D, generator=g, dtype=torch.float64)])  # (8, D)
     for i, j in ((1, 1), (2, 3), (4, 8), (3, 2)):
         want = _phi(A1, A2, i, j)
-        got = _float(call(f"subspace_similarity(A1, A2, {i}, {j})", fn, A1.clone(), A2.clone(), i, j), f"subspace_similarity(A1, A2, {i}, {j})")
+        got = as_float(call(f"subspace_similarity(A1, A2, {i}, {j})", fn, A1.clone(), A2.clone(), i, j), f"subspace_similarity(A1, A2, {i}, {j})")
         if abs(got - want) <= 1e-6:
             continue
         txt = f"subspace_similarity(A1 (4×{D}), A2 (8×{D}), i={i}, j={j}) returned {fmt(got)}"
@@ -153,17 +130,17 @@ def similarity(sub):
 
 @case("your learned ΔW: spectrum, energy rank and top-direction similarity above chance", "findings", points=2)
 def findings(sub):
-    s = as_tensor(_get(sub, "sigma_dW"), "sigma_dW")
+    s = as_tensor(answer(sub, "sigma_dW"), "sigma_dW")
     if s.dim() != 1 or s.numel() < 4:
         raise Fail(f"sigma_dW has shape {tuple(s.shape)}", expected="the 1-D spectrum of the learned ΔW (one value per singular value)")
     if (s[1:] > s[:-1] + 1e-9).any():
         raise Fail("sigma_dW is not descending", expected="σ₁ ≥ σ₂ ≥ …")
-    k = _int(_get(sub, "k90"), "k90")
+    k = _int(answer(sub, "k90"), "k90")
     want = _energy_rank(s, 0.9)
     if k != want:
         raise Fail(f"k90 = {k}, but your own sigma_dW gives {want}", expected=f"{want}", hint="k90 = energy_rank(sigma_dW, 0.9)")
-    phi = _float(_get(sub, "phi_top"), "phi_top")
-    chance = _float(_get(sub, "chance_top"), "chance_top")
+    phi = as_float(answer(sub, "phi_top"), "phi_top")
+    chance = as_float(answer(sub, "chance_top"), "chance_top")
     if not (0 <= phi <= 1):
         raise Fail(f"phi_top = {fmt(phi)} is outside [0, 1]")
     if not (0 < chance < 0.2):

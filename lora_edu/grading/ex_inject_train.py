@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .battery import Exercise, Fail, call, fmt
+from .battery import Exercise, Fail, answer, call, fmt
 
 EXERCISE = Exercise(
     name="inject_train",
@@ -72,17 +72,6 @@ def _base_loss() -> float:
     return evaluate(base_model())
 
 
-def _get(sub, name, fn=False):
-    if not isinstance(sub, dict):
-        raise Fail(f"check() received {type(sub).__name__}", expected="a dict of your answers, as in the notebook's last cell")
-    if name not in sub:
-        raise Fail(f"your notebook defines no `{name}`", hint=f"define `{name}` in the exercise cell (and list it in the check cell)")
-    v = sub[name]
-    if fn and not callable(v):
-        raise Fail(f"`{name}` is not a function", expected=f"def {name}(...): ...")
-    return v
-
-
 def _is_lora(m: nn.Module) -> bool:
     return isinstance(getattr(m, "A", None), torch.Tensor) and isinstance(getattr(m, "B", None), torch.Tensor)
 
@@ -99,7 +88,7 @@ TARGET_SETS = (["q_proj", "v_proj"], ["o_proj"], ["k_proj", "up_proj", "down_pro
 
 
 def _inject(sub, targets, r=4, alpha=6.0):
-    fn = _get(sub, "inject_lora", fn=True)
+    fn = answer(sub, "inject_lora", fn=True)
     model = _fresh()
     before = {n: m for n, m in model.named_modules()}
     ret = call(f"inject_lora(model, {targets}, r={r}, alpha={alpha})", fn, model, list(targets), r, alpha)
@@ -159,7 +148,7 @@ def noop(sub):
     x = torch.randint(0, model.config.vocab_size, (2, 16))
     with torch.no_grad():
         y0 = model(x)
-    fn = _get(sub, "inject_lora", fn=True)
+    fn = answer(sub, "inject_lora", fn=True)
     ret = call("inject_lora(model, ['q_proj', 'v_proj'], r=4, alpha=6.0)", fn, model, ["q_proj", "v_proj"], 4, 6.0)
     model = ret if isinstance(ret, nn.Module) else model
     with torch.no_grad():
@@ -174,7 +163,7 @@ def noop(sub):
 
 @case("count_trainable(model) returns (trainable, total) — and r·(in + out) per adapted layer", "count", points=2)
 def count(sub):
-    fn = _get(sub, "count_trainable", fn=True)
+    fn = answer(sub, "count_trainable", fn=True)
     for targets in ([], ["q_proj", "v_proj"], ["up_proj"]):
         model = _fresh()
         if targets:
@@ -207,7 +196,7 @@ def count(sub):
 @case(f"trained_model: only the LoRA factors changed, and the target loss fell by ≥ {QUALITY_DROP} nats/char", "train", points=3,
       min_timeout=120)
 def trained(sub):
-    model = _get(sub, "trained_model")
+    model = answer(sub, "trained_model")
     if not isinstance(model, nn.Module):
         raise Fail(f"trained_model is {type(model).__name__}", expected="the fine-tuned nn.Module")
     loras = [(n, m) for n, m in model.named_modules() if _is_lora(m)]

@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .battery import Exercise, Fail, call, fmt, get_attr
+from .battery import Exercise, Fail, answer, as_float, call, fmt, get_attr
 
 EXERCISE = Exercise(
     name="merge_precision",
@@ -26,28 +26,11 @@ EXERCISE = Exercise(
 case = EXERCISE.case
 
 WHY_BF16 = "b"
-
-
-def _get(sub, name):
-    if not isinstance(sub, dict):
-        raise Fail(f"check() received {type(sub).__name__}", expected="a dict of your answers, as in the notebook's last cell")
-    if name not in sub:
-        raise Fail(f"your notebook defines no `{name}`", hint=f"define `{name}` in the exercise cell (and list it in the check cell)")
-    return sub[name]
+_NONFINITE_HINT = "look for a division by zero: divide by max|y_unmerged|, which is not zero"
 
 
 def _float(v, what) -> float:
-    if isinstance(v, torch.Tensor):
-        if v.numel() != 1:
-            raise Fail(f"{what} is a tensor of shape {tuple(v.shape)}", expected="one number", hint="reduce with .max() and convert with .item()")
-        v = v.item()
-    try:
-        f = float(v)
-    except (TypeError, ValueError, OverflowError):
-        raise Fail(f"{what} is {type(v).__name__}, not a number") from None
-    if not math.isfinite(f):
-        raise Fail(f"{what} is {f}", hint="look for a division by zero: divide by max|y_unmerged|, which is not zero")
-    return f
+    return as_float(v, what, nonfinite_hint=_NONFINITE_HINT)
 
 
 def make_layer(dtype: torch.dtype, seed: int, d_in: int = 48, d_out: int = 40, r: int = 4, alpha: float = 7.0):
@@ -78,7 +61,7 @@ def reference_error(layer, x) -> float:
 
 
 def _student_error(sub, dtype, seed):
-    fn = _get(sub, "merge_error")
+    fn = answer(sub, "merge_error")
     if not callable(fn):
         raise Fail("`merge_error` is not a function", expected="def merge_error(layer, x): ...")
     layer, x = make_layer(dtype, seed)
@@ -131,7 +114,7 @@ def err16(sub):
 
 @case("merge_error leaves the layer unmerged, as it found it", "merge_error")
 def leaves_unmerged(sub):
-    fn = _get(sub, "merge_error")
+    fn = answer(sub, "merge_error")
     layer, x = make_layer(torch.float32, 4)
     W0 = layer.base.weight.detach().clone()
     call("merge_error(layer, x)", fn, layer, x)
@@ -145,7 +128,7 @@ def leaves_unmerged(sub):
 
 @case("bf16_spacing(w): the gap between adjacent bfloat16 numbers at |w|", "spacing", points=2)
 def spacing(sub):
-    fn = _get(sub, "bf16_spacing")
+    fn = answer(sub, "bf16_spacing")
     if not callable(fn):
         raise Fail("`bf16_spacing` is not a function", expected="def bf16_spacing(w): ...")
     for w in (0.02, 1.0, 3.0, 1e-3, -0.5, 200.0, 0.7):
@@ -173,8 +156,8 @@ def spacing(sub):
 
 @case("your measured errors: float32 ~1e-7, bfloat16 ≥ 100× larger", "measured")
 def measured(sub):
-    e32 = _float(_get(sub, "err_fp32"), "err_fp32")
-    e16 = _float(_get(sub, "err_bf16"), "err_bf16")
+    e32 = _float(answer(sub, "err_fp32"), "err_fp32")
+    e16 = _float(answer(sub, "err_bf16"), "err_bf16")
     if not (1e-10 <= e32 <= 1e-5):
         raise Fail(f"err_fp32 = {fmt(e32)}", expected="between 1e-10 and 1e-5 (float32 rounding)",
                    hint="measure merge_error on the float32 layer of the notebook")
@@ -188,7 +171,7 @@ def measured(sub):
 
 @case("why merged ≠ unmerged in bfloat16 (multiple choice)", "explain")
 def why(sub):
-    ans = _get(sub, "why_bf16")
+    ans = answer(sub, "why_bf16")
     if not isinstance(ans, str):
         raise Fail(f"why_bf16 is {type(ans).__name__}", expected='one letter, e.g. "a"')
     a = ans.strip().strip("()").lower()

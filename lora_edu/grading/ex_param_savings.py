@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 
-from .battery import Exercise, Fail, call, fmt
+from .battery import Exercise, Fail, answer, call, fmt
 
 EXERCISE = Exercise(
     name="param_savings",
@@ -29,16 +29,8 @@ LLAMA_TOTAL = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096) + 2 * 32000 *
 LLAMA_LORA = 32 * 8 * (4 * (4096 + 4096) + 2 * (4096 + 11008) + (11008 + 4096))  # r=8 on all 7 matrices: 19,988,480
 
 
-def _get(sub: dict, name: str):
-    if not isinstance(sub, dict):
-        raise Fail(f"check() received {type(sub).__name__}", expected="a dict of your answers, as in the notebook's last cell")
-    if name not in sub:
-        raise Fail(f"your notebook defines no `{name}`", hint=f"set `{name} = ...` in the exercise cell (and list it in the check cell)")
-    return sub[name]
-
-
 def _number(sub, name) -> float:
-    v = _get(sub, name)
+    v = answer(sub, name)
     try:
         f = float(v)
     except (TypeError, ValueError, OverflowError):
@@ -54,7 +46,7 @@ def _oracle(shapes, r):
 
 @case("lora_params(shapes, r) = r·Σ(in + out) on random shapes", "formula", points=2)
 def formula(sub):
-    fn = _get(sub, "lora_params")
+    fn = answer(sub, "lora_params")
     if not callable(fn):
         raise Fail("`lora_params` is not a function", expected="def lora_params(shapes, r): ...")
     rng = random.Random(4)
