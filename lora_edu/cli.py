@@ -6,7 +6,7 @@ them together.  A subcommand module exposes two functions:
 * ``configure_parser(parser)`` adds its arguments to an ``argparse`` sub-parser;
 * ``run(args) -> int`` does the work and returns the process exit code.
 
-Modules are imported lazily so that ``lora-edu --help`` stays fast.
+Modules are imported when the parser is built (``lora-edu --help`` describes them all).
 """
 from __future__ import annotations
 
@@ -30,10 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:  # a subcommand whose module is not installed in this build
-            continue
+        module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip().splitlines()[0])
         module.configure_parser(p)
         p.set_defaults(_run=module.run)
