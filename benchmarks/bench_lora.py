@@ -35,6 +35,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import lora_edu  # noqa: E402
+from lora_edu.atomic import atomic_write_bytes  # noqa: E402  (results are written whole or not at all)
 from lora_edu import fast  # noqa: E402
 from lora_edu.models import GPT, GPTConfig  # noqa: E402
 
@@ -320,7 +321,7 @@ def profile_pair(size, device, precision, data, out_dir: Path) -> str:
         lines.append(f"| `{key[:90]}` | {a:.3f} | {b:.3f} | {d:+.3f} | {ca} → {cb} |")
     lines.append(f"| **sum of kernel time** | {tot_a:.2f} | {tot_b:.2f} | {tot_b - tot_a:+.2f} | |")
     text = "\n".join(lines)
-    (out_dir / "profile_floor_vs_lora.md").write_text(text + "\n")
+    atomic_write_bytes((out_dir / "profile_floor_vs_lora.md"), (text + "\n").encode())
     return text
 
 
@@ -501,8 +502,8 @@ def main(argv=None) -> dict:
     if not args.no_write:
         out_dir.mkdir(parents=True, exist_ok=True)
         stem = args.name or ("cpu" if device.type == "cpu" else "gpu_" + device_name.lower().replace("nvidia", "").strip().split()[0])
-        (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
-        (out_dir / f"{stem}.md").write_text(text + "\n")
+        atomic_write_bytes((out_dir / f"{stem}.json"), (json.dumps(result, indent=1)).encode())
+        atomic_write_bytes((out_dir / f"{stem}.md"), (text + "\n").encode())
         print(f"# wrote {out_dir / stem}.json and .md")
     return result
 

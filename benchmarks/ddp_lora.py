@@ -31,6 +31,7 @@ for p in (ROOT, ROOT / "benchmarks"):
         sys.path.insert(0, str(p))
 
 import lora_edu  # noqa: E402
+from lora_edu.atomic import atomic_write_bytes  # noqa: E402  (results are written whole or not at all)
 from lora_edu.distributed import init_from_env, max_grad_difference_across_ranks, trainable_bytes, wrap_ddp  # noqa: E402
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
@@ -132,8 +133,8 @@ def report(in_dir: Path, md: Path | None) -> str:
     text = "\n".join(lines) + "\n"
     if md:
         md.parent.mkdir(parents=True, exist_ok=True)
-        md.write_text(text)
-        (md.with_suffix(".json")).write_text(json.dumps(runs, indent=1))
+        atomic_write_bytes(md, (text).encode())
+        atomic_write_bytes((md.with_suffix(".json")), (json.dumps(runs, indent=1)).encode())
     return text
 
 
@@ -169,7 +170,7 @@ def main(argv=None):
                   f"(trainable grads {r['trainable_bytes']:,} B), max grad diff across ranks {r['max_grad_diff_across_ranks']:.1e}", flush=True)
         if args.out_dir:
             Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-            (Path(args.out_dir) / f"ddp_world{world}.json").write_text(json.dumps(dict(meta=meta, results=results), indent=1))
+            atomic_write_bytes((Path(args.out_dir) / f"ddp_world{world}.json"), (json.dumps(dict(meta=meta, results=results), indent=1)).encode())
     dist.barrier()
     dist.destroy_process_group()
 
