@@ -116,17 +116,17 @@ _BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "eva")
 # ------------------------------------------------------------------------------------ helpers
 
 
-def _kind(layer: LoRALayer) -> str:
-    """``"linear"`` (Linear, Conv1D) or ``"embedding"``; ValueError for layers PEFT has no equivalent of."""
-    if isinstance(layer, LoRAEmbedding):
+def _kind(wrapper: type[LoRALayer]) -> str:
+    """``"linear"`` (Linear, Conv1D) or ``"embedding"`` for a LoRA layer class; ValueError for layers PEFT has no equivalent of."""
+    if issubclass(wrapper, LoRAEmbedding):
         return "embedding"
-    if isinstance(layer, LoRALinear):
+    if issubclass(wrapper, LoRALinear):
         return "linear"
     hf = sys.modules.get("lora_edu.hf")
-    if hf is not None and isinstance(layer, hf.LoRAConv1D):
+    if hf is not None and issubclass(wrapper, hf.LoRAConv1D):
         return "linear"
     raise ValueError(
-        f"{type(layer).__name__} has no PEFT equivalent that lora_edu knows how to write; "
+        f"{wrapper.__name__} has no PEFT equivalent that lora_edu knows how to write; "
         "PEFT format supports LoRALinear, LoRAEmbedding and LoRAConv1D (lora_edu.hf)"
     )
 
@@ -194,7 +194,7 @@ def to_peft_state_dict(model: nn.Module, adapter: str | None = None) -> tuple[di
     for name, layer in lora_layers(model):
         if adapter not in layer.adapters:
             continue
-        kind = _kind(layer)
+        kind = _kind(type(layer))
         has_conv1d |= _is_conv1d(layer)
         cfg = layer.adapters[adapter]
         tensors[peft_key(name, kind, "A")] = layer.lora_A[adapter].detach().cpu().contiguous()
@@ -497,7 +497,7 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | 
                 f"{folder}: {mod!r} is a {type(module).__name__}, a layer type lora_edu cannot put LoRA on{hint}. Nothing was loaded"
             )
         try:
-            layer_kind = _kind_of_wrapper(wrapper)
+            layer_kind = _kind(wrapper)
         except ValueError as e:
             raise AdapterFileError(f"{folder}: {mod!r}: {e}") from None
         if layer_kind != kinds[mod]:
@@ -575,15 +575,3 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | 
         p.requires_grad_(True)
     _trainable_registry(model)[name] = extra_modules
     return model
-
-
-def _kind_of_wrapper(wrapper: type) -> str:
-    if issubclass(wrapper, LoRAEmbedding):
-        return "embedding"
-    if issubclass(wrapper, LoRALinear):
-        return "linear"
-    hf = sys.modules.get("lora_edu.hf")
-    if hf is not None and issubclass(wrapper, hf.LoRAConv1D):
-        return "linear"
-    raise ValueError(f"{wrapper.__name__} has no PEFT equivalent (PEFT format covers Linear, Embedding and Conv1D layers)")
-

@@ -16,6 +16,7 @@ import os
 import time
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
 from . import data
@@ -25,7 +26,7 @@ from .atomic import atomic_write_bytes
 from .counting import count_parameters
 from .equivalence import check_merge_equivalence
 from .experiments import format_table
-from .inject import add_lora, lora_layers, merge_lora
+from .inject import add_lora, lora_layers
 from .pretrain import load_pretrained
 from .train import TrainConfig, resolve_device, train
 
@@ -106,13 +107,9 @@ def run(args: argparse.Namespace) -> int:
 
     _say("5. Save the adapter; compare sizes on disk")
     adapter_path = save_adapter(lora_model, out / "adapter.safetensors")
-    import safetensors.torch
-
     full_path = atomic_write_bytes(out / "full_model.safetensors", safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in full_model.state_dict().items()}))
     adapter_bytes, full_bytes = os.path.getsize(adapter_path), os.path.getsize(full_path)
     print(f"adapter {_mb(adapter_bytes)} vs full fine-tuned model {_mb(full_bytes)}: {full_bytes / adapter_bytes:.1f}× smaller")
-    merged_model = merge_lora(copy.deepcopy(lora_model))  # a deployable copy with ΔW folded in
-    assert all(l.merged for _, l in lora_layers(merged_model))
 
     _say("6. Summary")
 
