@@ -7,7 +7,7 @@
 
 Each rank trains on its own batch (``--batch`` × ``--seq`` tokens per GPU: weak
 scaling), bf16 autocast, fused AdamW.  A counting DDP communication hook
-(:mod:`lora_edu.distributed`) sums the bytes of every gradient bucket all-reduced;
+(:mod:`lora_edu.speed.distributed`) sums the bytes of every gradient bucket all-reduced;
 with LoRA only the adapters' gradients travel.  After the timed steps every rank's
 gradients are gathered and compared (they must be identical).
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -30,9 +29,8 @@ for p in (ROOT, ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-import lora_edu  # noqa: E402
 from lora_edu.atomic import atomic_write_bytes  # noqa: E402  (results are written whole or not at all)
-from lora_edu.distributed import init_from_env, max_grad_difference_across_ranks, trainable_bytes, wrap_ddp  # noqa: E402
+from lora_edu.speed.distributed import init_from_env, max_grad_difference_across_ranks, trainable_bytes, wrap_ddp  # noqa: E402
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 

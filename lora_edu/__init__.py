@@ -1,19 +1,26 @@
 """lora_edu — LoRA (Low-Rank Adaptation, Hu et al. 2021) from scratch in PyTorch.
 
-The pieces, one concept per module:
+The package tells the story in layers, each importing only the ones below it:
 
-* :mod:`lora_edu.layers` — ``LoRALinear`` / ``LoRAEmbedding``: W frozen, ΔW = s·B A.
-* :mod:`lora_edu.inject` — ``freeze``, ``add_lora`` by name, named adapters, merge/unload.
-* :mod:`lora_edu.counting` — ``count_parameters``: r·(in + out) per adapted layer.
-* :mod:`lora_edu.equivalence` — ``check_merge_equivalence``: merged vs unmerged, measured.
-* :mod:`lora_edu.adapters` — ``save_adapter`` / ``load_adapter`` (safetensors, atomic).
-* :mod:`lora_edu.peft_format` — the same in Hugging Face PEFT's folder format.
+* :mod:`lora_edu.core` — the LoRA core: ``LoRALinear`` / ``LoRAEmbedding`` (W frozen,
+  ΔW = s·B A), ``add_lora`` by name, named adapters, merge with a measured equivalence
+  check, parameter counting.  Start reading at ``lora_edu/core/layers.py``.
+* :mod:`lora_edu.adapters` — adapter files: one in-memory adapter state, the native
+  safetensors format and Hugging Face PEFT's folder format.
+* :mod:`lora_edu.speed` — the fused ``LoRALinear`` path (:func:`fuse`) and multi-GPU training.
+* :mod:`lora_edu.lab` — the course lab: offline data, small models, training, experiments,
+  analysis, the guided tour.
+* :mod:`lora_edu.grading` — classroom exercises and their checker.
+
+``import lora_edu as L`` gives the names below.
 """
-from ._version import __version__
-from .adapters import AdapterFileError, load_adapter, read_adapter_config, save_adapter
-from .counting import LayerCount, ParameterCount, count_parameters
-from .equivalence import TOLERANCE, MergeReport, check_merge_equivalence, erased_fraction
-from .inject import (
+from lora_edu._version import __version__
+from lora_edu.adapters import AdapterFileError, load_adapter, read_adapter_config, save_adapter
+from lora_edu.adapters.peft import load_peft_adapter, save_peft_adapter
+from lora_edu.core.config import AdapterConfig
+from lora_edu.core.counting import LayerCount, ParameterCount, count_parameters
+from lora_edu.core.equivalence import TOLERANCE, MergeReport, check_merge_equivalence, erased_fraction
+from lora_edu.core.inject import (
     active_adapter,
     adapter_names,
     add_lora,
@@ -21,21 +28,23 @@ from .inject import (
     disable_lora,
     find_targets,
     freeze,
+    lora_B_parameters,
     lora_layers,
     lora_parameters,
     merge_lora,
-    register_lora_layer,
     set_adapter,
     unload_lora,
     unmerge_lora,
 )
-from .layers import AdapterConfig, LoRAEmbedding, LoRALayer, LoRALinear
-from .peft_format import load_peft_adapter, save_peft_adapter
+from lora_edu.core.kinds import register_lora_layer
+from lora_edu.core.layers import LoRAEmbedding, LoRALayer, LoRALinear
+from lora_edu.speed.fused import FusedLoRALinear, fuse, unfuse
 
 __all__ = [
     "__version__",
     "AdapterConfig",
     "AdapterFileError",
+    "FusedLoRALinear",
     "LayerCount",
     "LoRAEmbedding",
     "LoRALayer",
@@ -53,8 +62,10 @@ __all__ = [
     "erased_fraction",
     "find_targets",
     "freeze",
+    "fuse",
     "load_adapter",
     "load_peft_adapter",
+    "lora_B_parameters",
     "lora_layers",
     "lora_parameters",
     "merge_lora",
@@ -63,6 +74,7 @@ __all__ = [
     "save_adapter",
     "save_peft_adapter",
     "set_adapter",
+    "unfuse",
     "unload_lora",
     "unmerge_lora",
 ]

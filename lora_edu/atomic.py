@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "atomic_directory"]
+__all__ = ["atomic_write_bytes"]
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -48,37 +47,3 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike):
-    """Yield a temporary folder to fill; on success it replaces ``path`` (a folder), else it is deleted.
-
-    An existing folder at ``path`` is moved aside first and removed only after the new
-    one is in place, so at every moment either the old or the new complete folder exists
-    under ``path`` (or, for a split second, under its backup name).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-        for f in tmp.iterdir():
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        backup = None
-        if path.exists():
-            if not path.is_dir():
-                raise FileExistsError(f"{path} exists and is not a folder; refusing to replace it")
-            backup = path.with_name(f".{path.name}.old")
-            if backup.exists():
-                shutil.rmtree(backup)
-            os.replace(path, backup)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

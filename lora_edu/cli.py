@@ -16,8 +16,8 @@ import sys
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "tour": ("lora_edu.tour", "the guided tour: count -> inject -> fine-tune -> merge -> check -> save"),
-    "pretrain": ("lora_edu.pretrain", "re-create the shipped pretrained checkpoints"),
+    "tour": ("lora_edu.lab.tour", "the guided tour: count -> inject -> fine-tune -> merge -> check -> save"),
+    "pretrain": ("lora_edu.lab.pretrain", "re-create the shipped pretrained checkpoints"),
     "exercises": ("lora_edu.grading.cli_exercises", "classroom exercises: write student copies"),
     "grade": ("lora_edu.grading.cli_grade", "grade a folder of submitted exercise notebooks"),
 }

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_edu import analysis as an
+from lora_edu.lab import analysis as an
 
 D = torch.float64
 

@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from lora_edu import architectures as arc
-from lora_edu.architectures import (
+from lora_edu.lab import architectures as arc
+from lora_edu.lab.architectures import (
     GPT2_CONVENTIONS,
     GPT2_SMALL,
     GPT3_175B,
@@ -16,7 +16,6 @@ from lora_edu.architectures import (
     lora_params_breakdown,
     with_classifier,
 )
-
 
 # ----------------------------------------------------------------------------- LoRA paper, GPT-3 175B
 

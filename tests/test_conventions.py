@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_edu import conventions as cv
+from lora_edu.lab import conventions as cv
 
 D = torch.float64
 

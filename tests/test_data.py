@@ -1,16 +1,16 @@
-"""lora_edu.data: determinism, no network, shapes, the tokenizer, and the planted-rank oracle."""
+"""lora_edu.lab.data: determinism, no network, shapes, the tokenizer, and the planted-rank oracle."""
 import socket
 
 import pytest
 import torch
 
-from lora_edu import data
+from lora_edu.lab import data
 
 
 @pytest.fixture
 def no_network(monkeypatch):
     def refuse(*args, **kwargs):
-        raise RuntimeError("lora_edu.data must not touch the network")
+        raise RuntimeError("lora_edu.lab.data must not touch the network")
 
     monkeypatch.setattr(socket, "socket", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)

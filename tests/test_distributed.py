@@ -19,8 +19,8 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 
 def _worker(rank: int, world: int, init_file: str, result_dir: str) -> None:
     import lora_edu
-    from lora_edu.distributed import max_grad_difference_across_ranks, trainable_bytes, wrap_ddp
-    from lora_edu.models import GPT, GPTConfig
+    from lora_edu.lab.models import GPT, GPTConfig
+    from lora_edu.speed.distributed import max_grad_difference_across_ranks, trainable_bytes, wrap_ddp
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

@@ -1,8 +1,8 @@
 """Experiments on small configurations: records are tidy, lr sweeps pick the best, the planted rank shows."""
 import torch
 
-from lora_edu import data
-from lora_edu.experiments import budget_split, fine_tune, format_table, learn_forget, rank_sweep
+from lora_edu.lab import data
+from lora_edu.lab.experiments import budget_split, fine_tune, format_table, learn_forget, rank_sweep
 
 FAST = dict(steps=60, batch_size=64, progress=False, eval_every=0, eval_batches=2, device="cpu")
 

@@ -8,7 +8,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from lora_edu.figures import find_repo_root, save_figure  # noqa: E402
+from lora_edu.lab.figures import find_repo_root, save_figure  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -24,7 +24,7 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def solution(name: str) -> dict:
     return solution_namespace(name)
 

@@ -1,6 +1,6 @@
 """LoRA on Hugging Face transformers models built from a config (no download): GPT-2, LLaMA, ViT.
 
-GPT-2 exercises the transposed ``Conv1D`` (``lora_edu.hf.LoRAConv1D``), LLaMA the
+GPT-2 exercises the transposed ``Conv1D`` (``LoRALinear(fan_in_fan_out=True)``), LLaMA the
 ``q_proj``/``v_proj`` Linear layers, ViT a vision model with a new classifier head
 (``modules_to_save`` in PEFT, ``trainable_modules`` in lora_edu).  Each family:
 ``add_lora`` with the default targets, a few training steps, merge, the equivalence
@@ -19,7 +19,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
 import lora_edu  # noqa: E402
-from lora_edu.hf import DEFAULT_TARGETS, Conv1D, LoRAConv1D, default_targets  # noqa: E402
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+
+from lora_edu.adapters.hf import DEFAULT_TARGETS, default_targets  # noqa: E402
 
 pytestmark = [pytest.mark.interop, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -86,7 +88,7 @@ def test_lora_conv1d_is_lora_linear_on_the_transposed_weight():
     with torch.no_grad():
         lin.weight.copy_(conv.weight.T)
         lin.bias.copy_(conv.bias)
-    a, b = LoRAConv1D(conv, r=3, alpha=6), lora_edu.LoRALinear(lin, r=3, alpha=6)
+    a, b = lora_edu.LoRALinear(conv, r=3, alpha=6, fan_in_fan_out=True), lora_edu.LoRALinear(lin, r=3, alpha=6)
     with torch.no_grad():
         b.A.copy_(a.A)
         a.B.normal_()
@@ -112,6 +114,15 @@ def test_default_targets():
         default_targets("nope")
     with pytest.raises(ValueError, match="has no config.model_type"):
         default_targets(nn.Linear(2, 2))
+
+
+def test_default_targets_equal_peft_table():
+    """Every model type PEFT maps gets PEFT's own choice (its table is the oracle)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_table
+
+    for model_type, targets in peft_table.items():
+        expected = [targets] if isinstance(targets, str) else list(targets)
+        assert default_targets(model_type) == expected, model_type
 
 
 @pytest.mark.parametrize(
@@ -150,7 +161,7 @@ def test_add_lora_train_merge(family):
     # only A, B (and the new head) moved
     for k, v in model.state_dict().items():
         base_key = k.replace(".base.", ".")
-        if "lora_" not in k and not any(k.startswith(m + ".") for m in extra):
+        if "lora_" not in k and not k.endswith("._extra_state") and not any(k.startswith(m + ".") for m in extra):
             assert torch.equal(v, base_state[base_key]), k
     report_ = lora_edu.check_merge_equivalence(model, x)
     report(f"merge equivalence {family} (rel)", report_.rel_error)

@@ -1,9 +1,9 @@
-"""lora_edu.models: shapes, forward/backward, causal masking, naming, dtypes, devices."""
+"""lora_edu.lab.models: shapes, forward/backward, causal masking, naming, dtypes, devices."""
 import pytest
 import torch
 import torch.nn as nn
 
-from lora_edu.models import GPT, ViT, GPTConfig, ViTConfig, build_model, num_params
+from lora_edu.lab.models import GPT, GPTConfig, ViT, ViTConfig, build_model, num_params
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

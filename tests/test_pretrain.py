@@ -1,4 +1,4 @@
-"""lora_edu.pretrain: the shipped checkpoints load and reproduce their recorded losses; the command runs end to end."""
+"""lora_edu.lab.pretrain: the shipped checkpoints load and reproduce their recorded losses; the command runs end to end."""
 import json
 import math
 import os
@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-from lora_edu import data
-from lora_edu.models import GPT, ViT, ViTConfig
-from lora_edu.pretrain import CHECKPOINT_DIR, RECIPES, available_checkpoints, checkpoint_info, load_pretrained
+from lora_edu.lab import data
+from lora_edu.lab.models import GPT, ViT, ViTConfig
+from lora_edu.lab.pretrain import CHECKPOINT_DIR, RECIPES, available_checkpoints, checkpoint_info, load_pretrained
 
 SHIPPED = available_checkpoints()
 
@@ -83,7 +83,7 @@ def test_pretrain_command_end_to_end(tmp_path, capsys):
 
 
 def test_save_checkpoint_is_atomic_and_overwrites(tmp_path):
-    from lora_edu.pretrain import save_checkpoint
+    from lora_edu.lab.pretrain import save_checkpoint
 
     model = ViT(ViTConfig(n_layer=1, d_model=16, d_ff=16))
     meta = {"model": "vit", "config": model.config.to_dict()}

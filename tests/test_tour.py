@@ -4,7 +4,7 @@ import json
 import pytest
 
 from lora_edu import cli
-from lora_edu.pretrain import available_checkpoints
+from lora_edu.lab.pretrain import available_checkpoints
 
 
 @pytest.mark.skipif("gpt-tiny" not in available_checkpoints(), reason="needs the shipped gpt-tiny checkpoint")

@@ -1,13 +1,14 @@
-"""lora_edu.train: loss goes down, bit-exact CPU reproducibility, trainable-only optimizer, LoRA+, schedules."""
+"""lora_edu.lab.train: loss goes down, bit-exact CPU reproducibility, trainable-only optimizer, LoRA+, schedules."""
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 
-from lora_edu import data
-from lora_edu.models import GPT, GPTConfig
-from lora_edu.train import TrainConfig, is_lora_B, lr_factor, make_optimizer, resolve_device, resolve_precision, train
+import lora_edu
+from lora_edu.lab import data
+from lora_edu.lab.models import GPT, GPTConfig
+from lora_edu.lab.train import TrainConfig, lr_factor, make_optimizer, resolve_device, resolve_precision, train
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -82,24 +83,8 @@ def test_optimizer_sees_only_trainable_params_and_frozen_stay_put(lm_task):
         make_optimizer(model, TrainConfig())
 
 
-class FakeLoRA(nn.Module):
-    """A stand-in with the core library's parameter naming: <module>.lora_A.<adapter>, <module>.lora_B.<adapter>."""
-
-    def __init__(self, d=8, r=2):
-        super().__init__()
-        self.base = nn.Linear(d, d)
-        self.base.requires_grad_(False)
-        self.lora_A = nn.ParameterDict({"default": nn.Parameter(torch.randn(r, d) * 0.1)})
-        self.lora_B = nn.ParameterDict({"default": nn.Parameter(torch.zeros(d, r))})
-
-    def forward(self, x):
-        return self.base(x) + x @ self.lora_A["default"].T @ self.lora_B["default"].T
-
-
 def test_loraplus_param_groups_have_the_right_lrs():
-    model = nn.Sequential(FakeLoRA(), nn.ReLU(), FakeLoRA())
-    assert is_lora_B("0.lora_B.default") and is_lora_B("blocks.0.attn.q_proj.lora_B.default")
-    assert not is_lora_B("0.lora_A.default") and not is_lora_B("my_lora_Bias")
+    model = lora_edu.add_lora(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), ["0", "2"], r=2, alpha=2)
     opt = make_optimizer(model, TrainConfig(lr=1e-3, loraplus_ratio=16))
     by_name = {g["name"]: g for g in opt.param_groups}
     assert by_name["default"]["lr"] == pytest.approx(1e-3) and by_name["lora_B"]["lr"] == pytest.approx(16e-3)
@@ -113,7 +98,7 @@ def test_loraplus_param_groups_have_the_right_lrs():
                                          eval_every=0, batch_size=8, progress=False, device="cpu"))  # fmt: skip
     assert res.trainable_params == 2 * (2 * 8 + 8 * 2)
     assert res.history[-1]["lr"] == pytest.approx(1e-3 * lr_factor(9, TrainConfig(**res.config)))
-    with pytest.raises(ValueError, match="lora_B"):
+    with pytest.raises(ValueError, match="no trainable LoRA B factors"):
         make_optimizer(small_gpt(), TrainConfig(loraplus_ratio=16))
 
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import ex_delta_analysis, ex_inject_train, ex_lora_linear, ex_merge_precision, ex_param_savings
 from .battery import Exercise, run_exercise
 from .result import CheckResult
-from . import ex_lora_linear, ex_inject_train, ex_merge_precision, ex_param_savings, ex_delta_analysis
 
 EXERCISES: dict[str, Exercise] = {
     m.EXERCISE.name: m.EXERCISE

@@ -9,8 +9,6 @@ Oracles, in float64 (LoRA paper §7.2; Biderman et al. 2024):
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .battery import Exercise, Fail, answer, as_float, as_tensor, call, fmt

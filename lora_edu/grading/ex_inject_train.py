@@ -43,11 +43,11 @@ EVAL_BATCH_SIZE = 32
 def base_model() -> nn.Module:
     """The model to adapt: the pretrained ``gpt-tiny`` if shipped, else a seeded random-init tiny GPT."""
     try:
-        from lora_edu.pretrain import load_pretrained
+        from lora_edu.lab.pretrain import load_pretrained
 
         return load_pretrained("gpt-tiny")
     except (FileNotFoundError, ImportError, OSError, KeyError, RuntimeError):
-        from lora_edu.models import GPT, GPTConfig
+        from lora_edu.lab.models import GPT, GPTConfig
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -56,8 +56,8 @@ def base_model() -> nn.Module:
 
 @functools.lru_cache(maxsize=1)
 def target_task():
-    """The provided task: next-character prediction on Python source code (lora_edu.data.lm_tasks' target)."""
-    from lora_edu import data
+    """The provided task: next-character prediction on Python source code (lora_edu.lab.data.lm_tasks' target)."""
+    from lora_edu.lab import data
 
     return data.lm_tasks(seed=0, block_size=BLOCK_SIZE)[1]
 
@@ -77,7 +77,7 @@ def _is_lora(m: nn.Module) -> bool:
 
 
 def _fresh():
-    from lora_edu.models import GPT, GPTConfig
+    from lora_edu.lab.models import GPT, GPTConfig
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)

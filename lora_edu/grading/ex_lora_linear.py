@@ -253,7 +253,7 @@ def parameters(cls):
             raise Fail(f"layer.{name} is not among layer.parameters()",
                        hint=f"assign it as an attribute of the module in __init__ (self.{name} = nn.Parameter(...)) after super().__init__()")
         if not T.requires_grad:
-            raise Fail(f"layer.{name} has requires_grad=False", hint=f"A and B are the trainable part of LoRA: leave requires_grad=True")
+            raise Fail(f"layer.{name} has requires_grad=False", hint="A and B are the trainable part of LoRA: leave requires_grad=True")
 
 
 @case("at init the layer equals the base layer (B = 0, so ΔW = 0)", "init", requires=("shapes",))
@@ -454,7 +454,7 @@ def merged_forward(cls):
         branch = b.s * b.branch(x, A, B)
         c, res = fit_multiple(y - b.base_out(x), branch)
         if res <= 1e-3 and near(c, 2.0):
-            raise Fail(f"after merge() your output changed by (α/r)·x Aᵀ Bᵀ: ΔW is counted twice, once inside W and once by the branch",
+            raise Fail("after merge() your output changed by (α/r)·x Aᵀ Bᵀ: ΔW is counted twice, once inside W and once by the branch",
                        expected="merged output == unmerged output",
                        hint="remember that you merged (self.merged = True in merge()) and skip the LoRA branch in forward while merged")
         if res <= 1e-3 and near(c, 1 + 1 / b.s):

@@ -78,7 +78,7 @@ class CheckResult:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CheckResult":
+    def from_dict(cls, d: dict) -> CheckResult:
         cases = [CaseResult(**{k: c[k] for k in CaseResult.__dataclass_fields__ if k in c}) for c in d["cases"]]
         return cls(exercise=str(d["exercise"]), cases=cases)
 

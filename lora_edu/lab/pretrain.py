@@ -2,7 +2,7 @@
 
 LoRA adapts a *pretrained* model (Hu et al. 2021, §4): the ΔW-vs-W analysis of §7
 means nothing on a random base. ``lora-edu pretrain`` trains each model of
-``RECIPES`` on its SOURCE task (:mod:`lora_edu.data`) with a fixed recipe and
+``RECIPES`` on its SOURCE task (:mod:`lora_edu.lab.data`) with a fixed recipe and
 writes ``lora_edu/checkpoints/<name>.safetensors`` (float32 weights) next to
 ``<name>.json`` (model config, recipe, seed, final source *and* target losses,
 corpus fingerprints, versions, wall time, date). :func:`load_pretrained` loads them.
@@ -16,15 +16,15 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 
 import torch
 import torch.nn as nn
 
-from lora_edu import data
-from lora_edu.models import GPT, ViT, GPTConfig, ViTConfig
-from lora_edu.train import TrainConfig, resolve_device, train
+from lora_edu.atomic import atomic_write_bytes
+from lora_edu.lab import data
+from lora_edu.lab.models import GPT, GPTConfig, ViT, ViTConfig
+from lora_edu.lab.train import TrainConfig, resolve_device, train
 
 CHECKPOINT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")
 
@@ -57,42 +57,20 @@ def _tasks(recipe: dict, block_size: int = 64):
     raise ValueError(f"unknown task {recipe['task']!r}")
 
 
-def _atomic_write_bytes(path: str, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary file in the same folder, then rename it onto ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; checkpoints are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_checkpoint(model: nn.Module, meta: dict, name: str, out_dir: str = CHECKPOINT_DIR) -> tuple[str, str]:
     """Write ``<name>.safetensors`` and ``<name>.json`` atomically; return their paths.
 
     Adds ``file_bytes`` and ``sha256`` (of the .safetensors file) to ``meta`` in place.
     """
-    from safetensors.torch import save_file
+    import safetensors.torch
 
     st_path = os.path.join(out_dir, name + ".safetensors")
     json_path = os.path.join(out_dir, name + ".json")
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    _atomic_write_bytes(st_path, lambda tmp: save_file(state, tmp, metadata={"name": name}))
-    with open(st_path, "rb") as f:
-        meta.update(file_bytes=os.path.getsize(st_path), sha256=hashlib.sha256(f.read()).hexdigest())
-
-    def write_json(tmp):
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=2)
-            f.write("\n")
-
-    _atomic_write_bytes(json_path, write_json)
+    blob = safetensors.torch.save(state, metadata={"name": name})
+    atomic_write_bytes(st_path, blob)
+    meta.update(file_bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+    atomic_write_bytes(json_path, (json.dumps(meta, indent=2) + "\n").encode())
     return st_path, json_path
 
 
@@ -169,8 +147,8 @@ def checkpoint_info(name: str, checkpoint_dir: str | None = None) -> dict:
 def load_pretrained(name: str, device: str | torch.device = "cpu", checkpoint_dir: str | None = None) -> nn.Module:
     """A shipped pretrained model ("gpt-tiny", "gpt-wide", "vit-tiny") on ``device``, in eval mode.
 
-    ``device`` may be "auto". The matching tasks: ``lora_edu.data.lm_tasks(block_size=model.config.block_size)``
-    for the GPTs, ``lora_edu.data.image_tasks()`` for the ViT.
+    ``device`` may be "auto". The matching tasks: ``lora_edu.lab.data.lm_tasks(block_size=model.config.block_size)``
+    for the GPTs, ``lora_edu.lab.data.image_tasks()`` for the ViT.
     """
     from safetensors.torch import load_file
 
@@ -187,7 +165,9 @@ def load_pretrained(name: str, device: str | torch.device = "cpu", checkpoint_di
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"recipes to run (default: all of {', '.join(RECIPES)})")
-    parser.add_argument("--out-dir", default=CHECKPOINT_DIR, help="where to write <name>.safetensors/.json (default: the package's checkpoints/)")
+    parser.add_argument("--out-dir", default="checkpoints",
+                        help="where to write <name>.safetensors/.json (default: ./checkpoints). The shipped checkpoints "
+                             "are replaced only with --out-dir package")
     parser.add_argument("--steps", type=int, default=None, help="override every recipe's step count (quick checks; not the shipped recipe)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
     parser.add_argument("--threads", type=int, default=None,
@@ -206,6 +186,8 @@ def _fmt_final(meta: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out_dir == "package":  # explicit opt-in: overwrite the checkpoints shipped inside the package
+        args.out_dir = CHECKPOINT_DIR
     if args.list:
         have = set(available_checkpoints(args.out_dir))
         for name, r in RECIPES.items():

@@ -1,7 +1,7 @@
 """One training loop for everything: pretraining, full fine-tuning and LoRA.
 
 ``train(model, task, TrainConfig(...))`` optimises the parameters of ``model`` that
-have ``requires_grad=True`` on a :class:`lora_edu.data.Task` with AdamW. Whether
+have ``requires_grad=True`` on a :class:`lora_edu.lab.data.Task` with AdamW. Whether
 that is full fine-tuning or LoRA is decided by the caller (freeze, inject, or
 not); the loop does not know. It reports what the LoRA paper's comparisons are
 about (Hu et al. 2021, §4.2 and Table 4): trainable vs total parameters, wall
@@ -16,7 +16,6 @@ faster than everything else. CPU runs with the same seed repeat bit for bit.
 from __future__ import annotations
 
 import math
-import re
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
+
+from lora_edu.core.inject import lora_B_parameters
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -59,14 +60,6 @@ def autocast_context(device: torch.device, precision: str):
     if precision == "fp16":
         return torch.autocast(device_type=device.type, dtype=torch.float16)
     return nullcontext()
-
-
-# LoRA B factors live in nn.ParameterDicts named lora_B (lora_edu.layers): "...q_proj.lora_B.default"
-_LORA_B = re.compile(r"(^|\.)lora_B(\.|$)")
-
-
-def is_lora_B(name: str) -> bool:
-    return _LORA_B.search(name) is not None
 
 
 @dataclass
@@ -143,10 +136,11 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     if config.loraplus_ratio is None:
         groups = [{"params": [p for _, p in named], "lr": config.lr, "name": "all"}]
     else:
-        B = [p for n, p in named if is_lora_B(n)]
+        B = lora_B_parameters(model)  # asked of the LoRA layers, not guessed from parameter names
         if not B:
-            raise ValueError("loraplus_ratio is set but the model has no trainable '.lora_B.' parameters")
-        rest = [p for n, p in named if not is_lora_B(n)]
+            raise ValueError("loraplus_ratio is set but the model has no trainable LoRA B factors")
+        ids = {id(p) for p in B}
+        rest = [p for _, p in named if id(p) not in ids]
         groups = [{"params": rest, "lr": config.lr, "name": "default"}] if rest else []
         groups.append({"params": B, "lr": config.lr * config.loraplus_ratio, "name": "lora_B"})
     for g in groups:

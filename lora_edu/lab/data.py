@@ -1,7 +1,7 @@
 """Offline data with a real domain shift: source tasks to pretrain on, target tasks to adapt to.
 
 Nothing here touches the network. Three families, all behind one small interface
-(:class:`Task`) that :func:`lora_edu.train.train` uses:
+(:class:`Task`) that :func:`lora_edu.lab.train.train` uses:
 
 (a) **Language modelling, English prose -> Python code** (:func:`lm_tasks`).
     SOURCE: the English prose of the Python Language Reference, which ships with
@@ -225,7 +225,7 @@ def _prose_from_docstrings() -> list[str]:
     return docs
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _documents(which: str) -> tuple[tuple[str, ...], str]:
     """(documents, origin) for the "source" (prose) or "target" (code) corpus."""
     if which == "source":
@@ -250,7 +250,7 @@ def _documents(which: str) -> tuple[tuple[str, ...], str]:
     raise ValueError(f"which must be 'source' or 'target', got {which!r}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def corpus_splits(which: str, max_chars: int = 250_000, val_fraction: float = 0.1) -> tuple[str, str]:
     """(train_text, val_text) of the "source" or "target" corpus.
 
@@ -338,7 +338,7 @@ class LMTask(Task):
         return {"loss": loss, "ppl": math.exp(loss)}
 
     def make_model(self, preset="tiny"):
-        from lora_edu.models import GPT, GPTConfig
+        from lora_edu.lab.models import GPT, GPTConfig
 
         return GPT(GPTConfig.preset(preset, vocab_size=self.vocab_size, block_size=self.block_size))
 
@@ -450,7 +450,7 @@ class ImageTask(Task):
         return {"loss": total / count, "acc": correct / count}
 
     def make_model(self, preset="tiny"):
-        from lora_edu.models import ViT, ViTConfig
+        from lora_edu.lab.models import ViT, ViTConfig
 
         return ViT(ViTConfig.preset(preset, image_size=self.image_size, num_classes=self.num_classes))
 

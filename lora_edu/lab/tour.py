@@ -1,7 +1,7 @@
 """The guided tour: count → inject → fine-tune → compare → merge → check → save, on built-in data.
 
 ``lora-edu tour`` takes the shipped pretrained character-level GPT (English prose,
-see :mod:`lora_edu.pretrain`), adapts it to Python source code with LoRA, compares
+see :mod:`lora_edu.lab.pretrain`), adapts it to Python source code with LoRA, compares
 with the base model and with full fine-tuning, merges the adapter, measures merge
 equivalence, saves the adapter and reports its size against the full model's.
 Every number it prints is measured in this run.  Defaults finish in a few minutes on
@@ -19,16 +19,16 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from . import data
-from .adapters import save_adapter
-from .analysis import energy_rank, singular_values
-from .atomic import atomic_write_bytes
-from .counting import count_parameters
-from .equivalence import check_merge_equivalence
-from .experiments import format_table
-from .inject import add_lora, lora_layers
-from .pretrain import load_pretrained
-from .train import TrainConfig, resolve_device, train
+from lora_edu.adapters import save_adapter
+from lora_edu.atomic import atomic_write_bytes
+from lora_edu.core.counting import count_parameters
+from lora_edu.core.equivalence import check_merge_equivalence
+from lora_edu.core.inject import add_lora, lora_layers
+from lora_edu.lab import data
+from lora_edu.lab.analysis import energy_rank, singular_values
+from lora_edu.lab.experiments import format_table
+from lora_edu.lab.pretrain import load_pretrained
+from lora_edu.lab.train import TrainConfig, resolve_device, train
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -167,7 +167,7 @@ def _figures(out: Path, lora_res, full_res, spectra, args) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .figures import save_figure
+    from lora_edu.lab.figures import save_figure
 
     paths = []
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -194,7 +194,7 @@ def _figures(out: Path, lora_res, full_res, spectra, args) -> list[Path]:
     return paths
 
 
-def main(argv: list[str] | None = None) -> int:  # python -m lora_edu.tour
+def main(argv: list[str] | None = None) -> int:  # python -m lora_edu.lab.tour
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     configure_parser(p)
     return run(p.parse_args(argv))

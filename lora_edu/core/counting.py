@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from .inject import lora_layers
+from lora_edu.core.inject import lora_layers
 
 __all__ = ["LayerCount", "ParameterCount", "count_parameters"]
 

@@ -14,9 +14,11 @@
 """
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from pathlib import Path
+
+from lora_edu.atomic import atomic_write_bytes
 
 __all__ = ["DPI", "find_repo_root", "figures_folder", "save_figure"]
 
@@ -66,21 +68,14 @@ def save_figure(fig, name: str, folder: str | os.PathLike[str] | None = None, *,
         raise ValueError(f"save_figure writes PNG only, got {name!r}")
     path = figures_folder(folder) / (stem.stem + ".png")
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem.stem}.", suffix=".png.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(
-                fh,
-                format="png",
-                dpi=dpi,
-                metadata={"Software": None},  # the only non-deterministic PNG chunk
-                facecolor="white",
-                bbox_inches="tight",
-            )
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; a figure is for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buffer = io.BytesIO()
+    fig.savefig(
+        buffer,
+        format="png",
+        dpi=dpi,
+        metadata={"Software": None},  # the only non-deterministic PNG chunk
+        facecolor="white",
+        bbox_inches="tight",
+    )
+    atomic_write_bytes(path, buffer.getvalue())
     return path

@@ -25,14 +25,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 # -----------------------------------------------------------------------------
 # configs
 
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 97  # lora_edu.data.CharTokenizer: printable ASCII + "\n" + <unk>
+    vocab_size: int = 97  # lora_edu.lab.data.CharTokenizer: printable ASCII + "\n" + <unk>
     block_size: int = 64  # maximum context length T
     n_layer: int = 2  # number of transformer blocks
     n_head: int = 4  # attention heads; head size hs = d_model // n_head
@@ -51,7 +50,7 @@ class GPTConfig:
     }
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "GPTConfig":
+    def preset(cls, name: str, **overrides) -> GPTConfig:
         if name not in cls.PRESETS:
             raise ValueError(f"unknown GPTConfig preset {name!r}; choose from {sorted(cls.PRESETS)}")
         return cls(**{**cls.PRESETS[name], **overrides})
@@ -65,7 +64,7 @@ class ViTConfig:
     image_size: int = 16  # square input images, H = W
     patch_size: int = 4  # non-overlapping P x P patches -> (H/P)^2 tokens
     in_channels: int = 3  # RGB
-    num_classes: int = 6  # lora_edu.data.image_tasks: 6 shape classes
+    num_classes: int = 6  # lora_edu.lab.data.image_tasks: 6 shape classes
     n_layer: int = 2  # number of transformer blocks
     n_head: int = 4  # attention heads
     d_model: int = 64  # token width
@@ -81,7 +80,7 @@ class ViTConfig:
     }
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "ViTConfig":
+    def preset(cls, name: str, **overrides) -> ViTConfig:
         if name not in cls.PRESETS:
             raise ValueError(f"unknown ViTConfig preset {name!r}; choose from {sorted(cls.PRESETS)}")
         return cls(**{**cls.PRESETS[name], **overrides})

@@ -26,9 +26,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from .counting import count_parameters
-from .inject import add_lora, freeze
-from .train import TrainConfig, train
+from lora_edu.core.counting import count_parameters
+from lora_edu.core.inject import add_lora, freeze
+from lora_edu.lab.train import TrainConfig, train
 
 __all__ = ["fine_tune", "rank_sweep", "budget_split", "learn_forget", "format_table", "ATTENTION_TARGETS", "ALL_LINEAR_TARGETS"]
 

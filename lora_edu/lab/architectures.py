@@ -42,8 +42,8 @@ not give its breakdown.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Iterable
 
 __all__ = [
     "Linear",

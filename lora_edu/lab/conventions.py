@@ -34,6 +34,9 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn as nn
+
+from lora_edu.core.layers import LoRAEmbedding, LoRALinear
 
 __all__ = [
     "SCALE_RULES",
@@ -68,25 +71,40 @@ def to_row_form(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return A.T.contiguous(), B.T.contiguous()
 
 
+def _lora_linear(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, bias=None) -> LoRALinear:
+    """The library's LoRALinear holding W (out, in), b, A (r, in), B (out, r) and the given scale s."""
+    base = nn.Linear(W.shape[1], W.shape[0], bias=bias is not None, dtype=W.dtype, device=W.device)
+    with torch.no_grad():
+        base.weight.copy_(W)
+        if bias is not None:
+            base.bias.copy_(bias)
+    r = A.shape[0]
+    layer = LoRALinear(base, r=r, alpha=scale * r)  # s = α/r = scale
+    with torch.no_grad():
+        layer.A.copy_(A)
+        layer.B.copy_(B)
+    return layer
+
+
 def lora_delta_W(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
     """delta_W = scale · B @ A, shape (out, in) — the weight update a merge adds to W (LoRA §4.1)."""
-    return scale * (B @ A)  # (out, r) @ (r, in) -> (out, in)
+    W = torch.zeros(B.shape[0], A.shape[1], dtype=A.dtype, device=A.device)
+    return _lora_linear(W, A, B, scale).delta_weight().detach()
 
 
 def lora_forward(x, W, A, B, scale: float, bias=None) -> torch.Tensor:
-    """y = x Wᵀ + b + scale · (x Aᵀ) Bᵀ with W (out, in), A (r, in), B (out, r)."""
-    y = x @ W.T
-    if bias is not None:
-        y = y + bias
-    return y + scale * ((x @ A.T) @ B.T)  # (..., in) -> (..., r) -> (..., out)
+    """y = x Wᵀ + b + scale · (x Aᵀ) Bᵀ with W (out, in), A (r, in), B (out, r): ``LoRALinear.forward``."""
+    with torch.no_grad():
+        return _lora_linear(W, A, B, scale, bias)(x)
 
 
 def lora_forward_row_form(x, W, A_row, B_row, scale: float, bias=None) -> torch.Tensor:
-    """The tutorials' form: y = x Wᵀ + b + scale · x @ A_row @ B_row with A_row (in, r), B_row (r, out)."""
-    y = x @ W.T
-    if bias is not None:
-        y = y + bias
-    return y + scale * (x @ A_row @ B_row)  # (..., in) -> (..., r) -> (..., out)
+    """The tutorials' form, y = x Wᵀ + b + scale · x @ A_row @ B_row with A_row (in, r), B_row (r, out).
+
+    The same function as :func:`lora_forward` after :func:`from_row_form` (a transpose of each factor).
+    """
+    A, B = from_row_form(A_row, B_row)
+    return lora_forward(x, W, A, B, scale, bias)
 
 
 # ----------------------------------------------------------------------------- scale rules
@@ -147,15 +165,28 @@ def init_embedding_lora(
     return A, B
 
 
+def _lora_embedding(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> LoRAEmbedding:
+    base = nn.Embedding(*W.shape, dtype=W.dtype, device=W.device)
+    with torch.no_grad():
+        base.weight.copy_(W)
+    r = A.shape[0]
+    layer = LoRAEmbedding(base, r=r, alpha=scale * r)
+    with torch.no_grad():
+        layer.A.copy_(A)
+        layer.B.copy_(B)
+    return layer
+
+
 def embedding_delta_W(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
-    """Embedding-table update (B @ A).T · scale: A (r, num_embeddings), B (dim, r) -> (num_embeddings, dim)."""
-    return (B @ A).T * scale  # (dim, num_embeddings).T
+    """Embedding-table update (B @ A)ᵀ · scale: A (r, num_embeddings), B (dim, r) -> (num_embeddings, dim)."""
+    W = torch.zeros(A.shape[1], B.shape[0], dtype=A.dtype, device=A.device)
+    return _lora_embedding(W, A, B, scale).delta_weight().detach()
 
 
 def embedding_lora_forward(ids: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float):
-    """PEFT's embedding forward: W[ids] + scale · Aᵀ[ids] Bᵀ with W (num_embeddings, dim)."""
-    after_A = A.T[ids]  # (..., r): row lookup in Aᵀ (num_embeddings, r)
-    return W[ids] + scale * (after_A @ B.T)  # (..., r) @ (r, dim) -> (..., dim)
+    """PEFT's embedding forward, W[ids] + scale · Aᵀ[ids] Bᵀ with W (num_embeddings, dim): ``LoRAEmbedding.forward``."""
+    with torch.no_grad():
+        return _lora_embedding(W, A, B, scale)(ids)
 
 
 # ----------------------------------------------------------------------------- Kaiming fan-in trap

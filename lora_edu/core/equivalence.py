@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .inject import lora_layers, merge_lora, unmerge_lora
+from lora_edu.core.inject import lora_layers, merge_lora, tied_weights, unmerge_lora
 
 __all__ = ["MergeReport", "check_merge_equivalence", "TOLERANCE", "erased_fraction"]
 
@@ -50,6 +50,7 @@ class MergeReport:
     tolerance: float  # bound on rel_error for this dtype (module docstring)
     erased_fraction: float  # share of nonzero ΔW entries that rounding into W's dtype erases
     n_layers: int
+    tied: tuple[str, ...] = ()  # adapted layers whose weight is shared with another parameter
 
     @property
     def passed(self) -> bool:
@@ -63,7 +64,12 @@ class MergeReport:
             f"{100 * self.erased_fraction:.3g}% of the nonzero ΔW entries were smaller than half an ulp of the "
             f"weight they were added to and vanished entirely."
         )
-        if not self.passed:
+        if self.tied:
+            why += (
+                f" Layers {list(self.tied)} share their weight with another parameter (tied weights): merging changes "
+                "that parameter too, which rounding does not explain — keep these adapters unmerged or untie the weights."
+            )
+        elif not self.passed:
             why += (
                 " The error exceeds what rounding explains: look for a merge without the scale s, "
                 "a double merge, or a transposed ΔW — or keep the adapter unmerged / merge in float32."
@@ -94,12 +100,10 @@ def erased_fraction(model: nn.Module) -> float:
         for _, layer in lora_layers(model):
             if layer.active_adapter is None or layer.merged:
                 continue
-            W = layer.base.weight
-            acc = layer._merge_dtype()
-            delta_W = layer.delta_weight(dtype=acc)
-            rounded = (W.to(acc) + delta_W).to(W.dtype)
+            W = layer.weight
+            delta_W = layer.delta_weight()
             mask = delta_W != 0
-            erased += int(((rounded == W) & mask).sum())
+            erased += int(((layer.merged_weight() == W) & mask).sum())
             nonzero += int(mask.sum())
     return erased / nonzero if nonzero else 0.0
 
@@ -108,35 +112,46 @@ def check_merge_equivalence(model: nn.Module, x, tolerance: float | None = None)
     """Run ``model(x)`` unmerged and merged; report the difference.  The model is left bit-for-bit as found.
 
     ``x`` is a tensor or a tuple of positional arguments.  The model runs in eval
-    mode (no dropout) under ``torch.no_grad()``.
+    mode (no dropout) under ``torch.no_grad()``.  Layers whose weight is tied to
+    another parameter are named in the report: merging them changes that parameter too.
     """
-    layers = [l for _, l in lora_layers(model) if l.active_adapter is not None]
-    if not layers:
+    named = [(n, layer) for n, layer in lora_layers(model) if layer.active_adapter is not None]
+    if not named:
         raise ValueError("the model has no active LoRA adapter to merge; call add_lora(...) first")
+    layers = [layer for _, layer in named]
     args = x if isinstance(x, tuple) else (x,)
-    dtype = layers[0].base.weight.dtype
+    dtype = layers[0].weight.dtype
     tol = TOLERANCE.get(dtype, 1e-5) if tolerance is None else tolerance
+    tied = tuple(tied_weights(model, [n for n, _ in named]))
 
-    saved_weights = [l.base.weight.detach().clone() for l in layers]
-    saved_merged = [l.merged_adapter for l in layers]
+    was_merged = any(layer.merged for layer in layers)
+    saved_weights = [layer.weight.detach().clone() for layer in layers]
+    saved_factors = [(p, p.grad, p.requires_grad) for layer in layers for p in layer.lora_factors()]
     saved_training = {m: m.training for m in model.modules()}
     try:
         model.eval()
         with torch.no_grad():
-            if any(saved_merged):
+            if was_merged:
                 unmerge_lora(model)
             fraction = erased_fraction(model)
             y_unmerged = _as_tensor(model(*args)).double()
             merge_lora(model)
             y_merged = _as_tensor(model(*args)).double()
     finally:
+        merged_now = any(layer.merged for layer in layers)
+        if was_merged and not merged_now:
+            merge_lora(model)
+        elif merged_now and not was_merged:
+            unmerge_lora(model)
         with torch.no_grad():
-            for l, W, m in zip(layers, saved_weights, saved_merged):
-                l.base.weight.copy_(W)
-                l.merged_adapter = m
+            for layer, W in zip(layers, saved_weights):
+                layer.weight.copy_(W)  # bit-for-bit: undo the rounding of merge/unmerge
+        for p, grad, requires_grad in saved_factors:
+            p.grad = grad
+            p.requires_grad_(requires_grad)
         for m, t in saved_training.items():
             m.training = t
     max_abs = (y_merged - y_unmerged).abs().max().item()
     scale = y_unmerged.abs().max().item()
     rel = max_abs / scale if scale > 0 else max_abs
-    return MergeReport(dtype, max_abs, rel, tol, fraction, len(layers))
+    return MergeReport(dtype, max_abs, rel, tol, fraction, len(layers), tied)

@@ -23,7 +23,7 @@ A PEFT LoRA adapter is a folder with two files:
 
     In memory PEFT inserts the adapter name (``…lora_A.default.weight``); the files
     never contain it.  GPT-2's ``Conv1D`` uses the Linear keys and shapes (PEFT's
-    ``fan_in_fan_out=True`` only transposes ΔW at merge time, see :mod:`lora_edu.hf`).
+    ``fan_in_fan_out=True`` only transposes ΔW at merge time, see :mod:`lora_edu.adapters.hf`).
 
 The orientation and init conventions are the same as lora_edu's (LoRA §4.1; PEFT's
 ``peft/tuners/lora/layer.py``), so conversion is a renaming — no transposes, no
@@ -41,7 +41,6 @@ import json
 import math
 import os
 import re
-import sys
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -50,20 +49,12 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from .adapters import AdapterFileError, resolve_adapter
-from .atomic import atomic_directory
-from .inject import (
-    _candidate_modules,
-    _set_submodule,
-    _trainable_registry,
-    _wrapper_for,
-    adapter_names,
-    freeze,
-    lora_layers,
-    set_adapter,
-    trainable_modules_of,
-)
-from .layers import LoRAEmbedding, LoRALayer, LoRALinear, validate_hyperparameters
+from lora_edu.adapters.state import AdapterFileError, AdapterState, LayerState, adapter_state, apply_adapter_state
+from lora_edu.atomic import atomic_write_bytes
+from lora_edu.core.config import AdapterConfig
+from lora_edu.core.inject import base_module_names
+from lora_edu.core.kinds import is_transposed_linear, layer_kind, lora_wrapper
+from lora_edu.core.layers import LoRALayer
 
 __all__ = [
     "CONFIG_NAME",
@@ -116,43 +107,9 @@ _BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "eva")
 # ------------------------------------------------------------------------------------ helpers
 
 
-def _kind(wrapper: type[LoRALayer]) -> str:
-    """``"linear"`` (Linear, Conv1D) or ``"embedding"`` for a LoRA layer class; ValueError for layers PEFT has no equivalent of."""
-    if issubclass(wrapper, LoRAEmbedding):
-        return "embedding"
-    if issubclass(wrapper, LoRALinear):
-        return "linear"
-    hf = sys.modules.get("lora_edu.hf")
-    if hf is not None and issubclass(wrapper, hf.LoRAConv1D):
-        return "linear"
-    raise ValueError(
-        f"{wrapper.__name__} has no PEFT equivalent that lora_edu knows how to write; "
-        "PEFT format supports LoRALinear, LoRAEmbedding and LoRAConv1D (lora_edu.hf)"
-    )
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    hf = sys.modules.get("lora_edu.hf")
-    return hf is not None and (isinstance(module, hf.LoRAConv1D) or type(module) is hf.Conv1D)
-
-
-def _ensure_hf_registered() -> None:
-    """Register GPT-2's Conv1D if the model could be a transformers model (transformers already imported)."""
-    if "transformers" in sys.modules and "lora_edu.hf" not in sys.modules:
-        try:
-            import lora_edu.hf  # noqa: F401  (registers LoRAConv1D)
-        except ImportError:  # pragma: no cover - broken transformers install
-            pass
-
-
 def peft_key(module_path: str, kind: str, factor: str) -> str:
     """The key PEFT's file uses for ``factor`` ("A" or "B") of the layer at ``module_path``."""
     return PEFT_PREFIX + module_path + "." + _KEYS[kind][0 if factor == "A" else 1]
-
-
-def _base_module_names(model: nn.Module) -> list[str]:
-    """Module names as PEFT sees them in the base model: LoRA layers count as their base layer, their insides don't."""
-    return [name for name, _ in _candidate_modules(model)]
 
 
 def _peft_targets(target_modules, key: str) -> bool:
@@ -187,45 +144,34 @@ def _pattern_value(patterns: dict, key: str, default):
 
 def to_peft_state_dict(model: nn.Module, adapter: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """``(tensors, config)`` of adapter ``adapter`` in PEFT's layout (what :func:`save_peft_adapter` writes)."""
-    adapter = resolve_adapter(model, adapter)
+    state = adapter_state(model, adapter)
     tensors: dict[str, torch.Tensor] = {}
-    per_layer: dict[str, tuple[int, float]] = {}
-    dropouts, rsloras, has_conv1d = set(), set(), False
-    for name, layer in lora_layers(model):
-        if adapter not in layer.adapters:
-            continue
-        kind = _kind(type(layer))
-        has_conv1d |= _is_conv1d(layer)
-        cfg = layer.adapters[adapter]
-        tensors[peft_key(name, kind, "A")] = layer.lora_A[adapter].detach().cpu().contiguous()
-        tensors[peft_key(name, kind, "B")] = layer.lora_B[adapter].detach().cpu().contiguous()
-        per_layer[name] = (cfg.r, cfg.alpha)
-        if kind == "linear":  # PEFT, like lora_edu, never applies dropout to embedding lookups
-            dropouts.add(cfg.dropout)
-        rsloras.add(cfg.rslora)
+    for name, ls in state.layers.items():
+        tensors[peft_key(name, ls.kind, "A")] = ls.A
+        tensors[peft_key(name, ls.kind, "B")] = ls.B
+    configs = {n: ls.config for n, ls in state.layers.items()}
+    rsloras = {c.rslora for c in configs.values()}
+    dropouts = {c.dropout for n, c in configs.items() if state.layers[n].kind == "linear"}  # PEFT never drops token ids
     if len(rsloras) > 1:
-        raise ValueError(f"adapter {adapter!r} mixes α/r and α/√r layers; PEFT has one use_rslora flag per adapter")
+        raise ValueError(f"adapter {state.name!r} mixes α/r and α/√r layers; PEFT has one use_rslora flag per adapter")
     if len(dropouts) > 1:
-        raise ValueError(f"adapter {adapter!r} uses different dropouts {sorted(dropouts)}; PEFT has one lora_dropout per adapter")
+        raise ValueError(f"adapter {state.name!r} uses different dropouts {sorted(dropouts)}; PEFT has one lora_dropout per adapter")
 
     # The most common (r, α) become the config's r / lora_alpha; the rest go to rank_pattern /
     # alpha_pattern under their escaped full path (PEFT matches pattern keys as regular expressions).
-    r_default = Counter(r for r, _ in per_layer.values()).most_common(1)[0][0]
-    alpha_default = Counter(a for _, a in per_layer.values()).most_common(1)[0][0]
-    rank_pattern = {re.escape(n): r for n, (r, _) in per_layer.items() if r != r_default}
-    alpha_pattern = {re.escape(n): _json_number(a) for n, (_, a) in per_layer.items() if a != alpha_default}
+    r_default = Counter(c.r for c in configs.values()).most_common(1)[0][0]
+    alpha_default = Counter(c.alpha for c in configs.values()).most_common(1)[0][0]
+    rank_pattern = {re.escape(n): c.r for n, c in configs.items() if c.r != r_default}
+    alpha_pattern = {re.escape(n): _json_number(c.alpha) for n, c in configs.items() if c.alpha != alpha_default}
 
     # target_modules: the short names if they select exactly the adapted layers, else the full paths
-    adapted = set(per_layer)
-    base_names = _base_module_names(model)
+    adapted = set(configs)
+    base_names = [n for n, _ in base_module_names(model)]
     short = sorted({n.rsplit(".", 1)[-1] for n in adapted})
     target_modules = short if {n for n in base_names if _peft_targets(short, n)} == adapted else sorted(adapted)
-
-    extra = trainable_modules_of(model, adapter)
-    for mod_name in extra:
-        for p_name, p in model.get_submodule(mod_name).named_parameters():
-            tensors[f"{PEFT_PREFIX}{mod_name}.{p_name}"] = p.detach().cpu().contiguous()
-
+    for key, t in state.modules.items():
+        tensors[PEFT_PREFIX + key] = t
+    has_conv1d = any(is_transposed_linear(_base_of(model.get_submodule(n))) for n in adapted)
     config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -240,7 +186,7 @@ def to_peft_state_dict(model: nn.Module, adapter: str | None = None) -> tuple[di
         "fan_in_fan_out": has_conv1d,  # PEFT decides per layer anyway (True for Conv1D, False for Linear)
         "bias": "none",
         "use_rslora": rsloras.pop(),
-        "modules_to_save": extra or None,
+        "modules_to_save": state.trainable_modules or None,
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -250,6 +196,10 @@ def to_peft_state_dict(model: nn.Module, adapter: str | None = None) -> tuple[di
         "lora_bias": False,
     }
     return tensors, config
+
+
+def _base_of(module: nn.Module) -> nn.Module:
+    return module.base if isinstance(module, LoRALayer) else module
 
 
 def _json_number(x: float):
@@ -267,18 +217,24 @@ def save_peft_adapter(
     """Write adapter ``adapter`` (default: the active one) as a PEFT folder at ``path``; returns the folder.
 
     The folder loads with ``peft.PeftModel.from_pretrained(base_model, path)`` and with
-    :func:`lora_edu.load_adapter`.  Written atomically: an existing folder is replaced
-    only once the new one is complete.  ``base_model_name_or_path`` / ``task_type``
-    (e.g. ``"CAUSAL_LM"``) are recorded for PEFT's ``AutoPeftModel`` classes.
+    :func:`lora_edu.load_adapter`.  Like PEFT's ``save_pretrained`` it writes its two
+    files into the folder (created if missing) and leaves every other file alone; each
+    file is written atomically, the weights first, so an interrupted save leaves the
+    old adapter or a complete new one (at worst new weights beside the old config,
+    which the loader's shape and key checks refuse rather than misread).
+    ``base_model_name_or_path`` / ``task_type`` (e.g. ``"CAUSAL_LM"``) are recorded for
+    PEFT's ``AutoPeftModel`` classes.
     """
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder} exists and is not a folder; a PEFT adapter is a folder. Pick another path")
     tensors, config = to_peft_state_dict(model, adapter)
     config["base_model_name_or_path"] = base_model_name_or_path
     config["task_type"] = task_type
-    data = safetensors.torch.save(tensors, metadata={"format": "pt"})  # PEFT/transformers write format=pt
-    with atomic_directory(path) as tmp:
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (tmp / WEIGHTS_NAME).write_bytes(data)
-    return Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(folder / WEIGHTS_NAME, safetensors.torch.save(tensors, metadata={"format": "pt"}))  # as PEFT writes it
+    atomic_write_bytes(folder / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    return folder
 
 
 # --------------------------------------------------------------------------------------- load
@@ -395,7 +351,6 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | 
     The loaded adapter becomes the active one.  Everything is validated before the model
     is touched; on any problem an :class:`~lora_edu.adapters.AdapterFileError` explains it.
     """
-    _ensure_hf_registered()
     folder = Path(path)
     if not folder.is_dir():
         raise AdapterFileError(f"{folder} is not a folder; a PEFT adapter is a folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
@@ -409,6 +364,8 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | 
     factors: dict[str, dict[str, torch.Tensor]] = {}
     kinds: dict[str, str] = {}
     saved_modules: list[tuple[str, torch.Tensor]] = []
+    base_copies: list[tuple[str, torch.Tensor]] = []
+    lora_module_keys = {p[0] for p in map(_split_key, tensors) if p is not None}
     infixes: set[str | None] = set()
     modules_to_save = cfg.get("modules_to_save") or []
     if isinstance(modules_to_save, str):
@@ -428,8 +385,12 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | 
             continue
         plain = key.removeprefix(PEFT_PREFIX)
         mod = plain.rpartition(".")[0]
-        if modules_to_save and any(mod == m or mod.endswith(m) for m in modules_to_save):
+        owners = modules_to_save_paths(model, modules_to_save) if modules_to_save else []
+        if any(plain.startswith(m + ".") for m in owners):
             saved_modules.append((plain, t))
+            continue
+        if plain.endswith(".weight") and mod.removesuffix(".base_layer") in lora_module_keys:
+            base_copies.append((plain, t))
             continue
         raise AdapterFileError(
             f"{folder}: unexpected tensor {key!r}: neither a LoRA factor (lora_A/lora_B/lora_embedding_A/B) "
@@ -449,7 +410,7 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | 
 
     # ---- the layers the config targets must be the layers in the file ----------------------------------
     tm, excl = cfg.get("target_modules"), cfg.get("exclude_modules")
-    base_names = _base_module_names(model)
+    base_names = [n for n, _ in base_module_names(model)]
     not_targeted = sorted(m for m in factors if not _peft_targets(tm, m) or _peft_excluded(excl, m))
     if not_targeted:
         raise AdapterFileError(
@@ -461,7 +422,7 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | 
             n for n in base_names
             if _peft_targets(tm, n) and not _peft_excluded(excl, n)
             and not any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", n) for m in modules_to_save)
-            and (isinstance(model.get_submodule(n), LoRALayer) or _wrapper_for(model.get_submodule(n)) is not None)
+            and (isinstance(model.get_submodule(n), LoRALayer) or lora_wrapper(model.get_submodule(n)) is not None)
         }
         missing_layers = sorted(targeted - set(factors))
         if missing_layers:
@@ -470,108 +431,48 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | 
                 f"{'it' if len(missing_layers) == 1 else 'them'} ({len(missing_layers)} layers). Wrong base model, or a truncated file?"
             )
 
-    model_layers = dict(lora_layers(model))
-    have = {n for n, l in model_layers.items() if name in l.adapters}
-    if have and have != set(factors):
-        only_model, only_file = sorted(have - set(factors)), sorted(set(factors) - have)
-        raise AdapterFileError(
-            f"adapter {name!r} in the model covers other layers than {folder}: only in model {only_model[:4]}, "
-            f"only in file {only_file[:4]}. Load under another name (adapter='...') or delete_adapter(model, {name!r}) first"
-        )
-
-    rslora = bool(cfg.get("use_rslora", False))
-    dropout = float(cfg.get("lora_dropout", 0.0))
+    rslora = cfg.get("use_rslora", False)
+    dropout = cfg.get("lora_dropout", 0.0)
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-    plan = []  # (module path, module, r, alpha, A, B)
+    layers = {}
     for mod, fs in factors.items():
-        A, B = fs["A"], fs["B"]
         try:
             module = model.get_submodule(mod)
         except AttributeError:
             raise AdapterFileError(f"{folder}: the model has no module {mod!r}; was the adapter trained on another architecture?") from None
-        base = module.base if isinstance(module, LoRALayer) else module
-        wrapper = type(module) if isinstance(module, LoRALayer) else _wrapper_for(module)
-        if wrapper is None:
-            hint = " (GPT-2's Conv1D needs `import lora_edu.hf`)" if type(module).__name__ == "Conv1D" else ""
-            raise AdapterFileError(
-                f"{folder}: {mod!r} is a {type(module).__name__}, a layer type lora_edu cannot put LoRA on{hint}. Nothing was loaded"
-            )
-        try:
-            layer_kind = _kind(wrapper)
-        except ValueError as e:
-            raise AdapterFileError(f"{folder}: {mod!r}: {e}") from None
-        if layer_kind != kinds[mod]:
-            raise AdapterFileError(
-                f"{folder}: {mod!r} is a {type(base).__name__} but the file stores {'embedding' if kinds[mod] == 'embedding' else 'Linear'}-style "
-                "LoRA keys for it"
-            )
+        if not isinstance(module, LoRALayer) and lora_wrapper(module) is None:
+            raise AdapterFileError(f"{folder}: {mod!r} is a {type(module).__name__}, a layer type lora_edu cannot put LoRA on. Nothing was loaded")
+        if layer_kind(module) != kinds[mod]:
+            raise AdapterFileError(f"{folder}: {mod!r} is a {type(_base_of(module)).__name__} but the file stores {kinds[mod]}-style LoRA keys for it")
         r = _pattern_value(rank_pattern, mod, cfg["r"])
         alpha = _pattern_value(alpha_pattern, mod, cfg["lora_alpha"])
         try:
-            validate_hyperparameters(r, alpha, dropout)
+            config = AdapterConfig(r=r, alpha=alpha, dropout=dropout, rslora=rslora)
         except (TypeError, ValueError) as e:
             raise AdapterFileError(f"{folder}: {mod!r}: {e}") from None
-        if layer_kind == "embedding":
-            n_in, n_out = base.num_embeddings, base.embedding_dim
-        elif _is_conv1d(base):
-            n_in, n_out = base.nx, base.nf
-        else:
-            n_in, n_out = base.in_features, base.out_features
-        if A.ndim != 2 or B.ndim != 2 or tuple(A.shape) != (r, n_in) or tuple(B.shape) != (n_out, r):
+        layers[mod] = LayerState(kinds[mod], config, fs["A"], fs["B"])
+
+    # PEFT's save_pretrained also stores the base weights of adapted embedding layers (save_embedding_layers):
+    # accept them when they are this model's, refuse otherwise (they would change the base model).
+    for key, t in base_copies:
+        mod = key.rpartition(".")[0].removesuffix(".base_layer")
+        W = _base_of(model.get_submodule(mod)).weight
+        if tuple(W.shape) != tuple(t.shape) or not torch.equal(W.detach().cpu().to(t.dtype), t):
             raise AdapterFileError(
-                f"{folder}: {mod!r} has A {tuple(A.shape)} and B {tuple(B.shape)}; with r={r} this "
-                f"{type(base).__name__} (in={n_in}, out={n_out}) needs A {(r, n_in)} and B {(n_out, r)}. "
-                "Was the adapter trained on a different model size, or is rank_pattern missing?"
+                f"{folder}: the file carries the base weights of {mod!r} (PEFT saves adapted embedding layers with "
+                "save_embedding_layers) and they differ from this model's: wrong base model, or new tokens were added. "
+                "Load the base model the adapter was trained on (or resize/copy those embeddings first). Nothing was loaded"
             )
-        for t, what in ((A, "A"), (B, "B")):
-            if not t.is_floating_point():
-                raise AdapterFileError(f"{folder}: {mod}.{what} has dtype {t.dtype}; LoRA factors must be floating point")
-            if not torch.isfinite(t).all():
-                raise AdapterFileError(f"{folder}: {mod}.{what} contains NaN or inf values; the adapter is damaged")
-        if isinstance(module, LoRALayer) and name in module.adapters:
-            have_cfg = module.adapters[name]
-            if (have_cfg.r, have_cfg.alpha, have_cfg.rslora) != (r, float(alpha), rslora):
-                raise AdapterFileError(
-                    f"{folder}: {mod!r} has adapter {name!r} with r={have_cfg.r}, alpha={have_cfg.alpha:g}, scale {have_cfg.scale_rule} "
-                    f"in the model but r={r}, alpha={alpha:g}, scale {'alpha/sqrt(r)' if rslora else 'alpha/r'} in the file; "
-                    f"delete_adapter(model, {name!r}) first or load under another name"
-                )
-            if module.merged_adapter is not None:
-                raise AdapterFileError(f"{mod!r} has a merged adapter; unmerge_lora(model) before loading into it")
-        elif isinstance(module, LoRALayer) and module.merged_adapter is not None:
-            raise AdapterFileError(f"{mod!r} has a merged adapter; unmerge_lora(model) before adding another adapter")
-        plan.append((mod, module, r, float(alpha), A, B))
 
-    extra_plan, extra_modules = [], []
-    for key, t in saved_modules:
-        try:
-            p = model.get_parameter(key)
-        except AttributeError:
-            raise AdapterFileError(f"{folder}: the model has no parameter {key!r} (listed under modules_to_save)") from None
-        if p.shape != t.shape:
-            raise AdapterFileError(f"{folder}: {key} has shape {tuple(p.shape)} in the model but {tuple(t.shape)} in the file")
-        if not torch.isfinite(t).all():
-            raise AdapterFileError(f"{folder}: {key} contains NaN or inf values; the adapter is damaged")
-        extra_plan.append((p, t))
-        mod = key.rpartition(".")[0]
-        if mod not in extra_modules:
-            extra_modules.append(mod)
+    trainable = []
+    for key, _ in saved_modules:
+        owner = next(m for m in modules_to_save_paths(model, modules_to_save) if key.startswith(m + "."))
+        if owner not in trainable:
+            trainable.append(owner)
+    state = AdapterState(name, layers, trainable, dict(saved_modules))
+    return apply_adapter_state(model, state, cast=True, where=str(folder))
 
-    # ---- apply (nothing below can fail on bad input) ---------------------------------------------------
-    freeze(model)
-    for mod, module, r, alpha, A, B in plan:
-        if not isinstance(module, LoRALayer):
-            module = _wrapper_for(module)(module, r, alpha, dropout, rslora, adapter=name)
-            _set_submodule(model, mod, module)
-        elif name not in module.adapters:
-            module.add_adapter(name, r, alpha, dropout, rslora)
-        with torch.no_grad():  # copy_ casts: a bf16 file into fp32 adapters, as PEFT's load_state_dict does
-            module.lora_A[name].copy_(A)
-            module.lora_B[name].copy_(B)
-    set_adapter(model, name)
-    for p, t in extra_plan:
-        with torch.no_grad():
-            p.copy_(t)
-        p.requires_grad_(True)
-    _trainable_registry(model)[name] = extra_modules
-    return model
+
+def modules_to_save_paths(model: nn.Module, modules_to_save) -> list[str]:
+    """The module paths that PEFT's ``modules_to_save`` names select (exact path or dotted suffix)."""
+    return [n for n, _ in base_module_names(model) if any(n == m or n.endswith("." + m) for m in modules_to_save)]

@@ -2,10 +2,9 @@
 
 LoRA, Hu et al. 2021, §4.2 ("Applying LoRA to Transformer"): the pretrained weights
 are frozen and low-rank updates are added to chosen weight matrices — in the paper
-W_q and W_v of every attention block.  Here the choice is made by *name*: every
-``nn.Linear`` (or ``nn.Embedding``) whose qualified name matches one of ``targets``
-is replaced, in place, by a :class:`~lora_edu.layers.LoRALinear` that wraps the very
-same module object (its weights are not copied).
+W_q and W_v of every attention block.  Here the choice is made by *name*: every layer
+whose qualified name matches one of ``targets`` is replaced, in place, by a LoRA layer
+that wraps the very same module object (its weights are not copied).
 
 Matching rule for a target string ``t`` against a qualified module name ``n``
 (e.g. ``"blocks.0.attn.q_proj"``):
@@ -14,50 +13,43 @@ Matching rule for a target string ``t`` against a qualified module name ``n``
   ``"blocks.0.attn.q_proj"`` all match), or
 * ``re.fullmatch(t, n)`` (``r"blocks\\.[01]\\..*_proj"``).
 
-Every target must match at least one module, and every matched module must be a
-supported layer type; otherwise a ``ValueError``/``TypeError`` says what exists.
+Every target must match at least one module, and every matched module must be a layer
+LoRA can wrap (:mod:`lora_edu.core.kinds`).  Every operation here checks everything
+first and changes nothing when it raises.
 """
 from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch.nn as nn
 
-from .layers import LoRAEmbedding, LoRALayer, LoRALinear, validate_hyperparameters
+from lora_edu.core.config import AdapterConfig, check_adapter_name
+from lora_edu.core.kinds import lora_wrapper, wrap
+from lora_edu.core.layers import LoRALayer
 
 __all__ = [
-    "LORA_LAYER_TYPES",
-    "register_lora_layer",
-    "freeze",
+    "active_adapter",
+    "adapter_names",
     "add_lora",
-    "lora_layers",
-    "find_targets",
-    "set_adapter",
-    "disable_lora",
     "delete_adapter",
+    "disable_lora",
+    "find_targets",
+    "find_trainable_modules",
+    "freeze",
+    "lora_B_parameters",
+    "lora_layers",
     "lora_parameters",
     "merge_lora",
-    "unmerge_lora",
+    "set_adapter",
+    "set_submodule",
+    "tied_weights",
+    "trainable_modules_of",
     "unload_lora",
-    "adapter_names",
+    "unmerge_lora",
 ]
-
-#: base layer type -> LoRA wrapper type.  Extend with :func:`register_lora_layer`.
-LORA_LAYER_TYPES: dict[type[nn.Module], type[LoRALayer]] = {nn.Linear: LoRALinear, nn.Embedding: LoRAEmbedding}
-
-
-def register_lora_layer(base_type: type[nn.Module], lora_type: type[LoRALayer]) -> None:
-    """Teach :func:`add_lora` to wrap ``base_type`` (e.g. GPT-2's ``Conv1D``) with ``lora_type``."""
-    LORA_LAYER_TYPES[base_type] = lora_type
-
-
-def _wrapper_for(module: nn.Module) -> type[LoRALayer] | None:
-    for base_type, lora_type in LORA_LAYER_TYPES.items():
-        if type(module) is base_type:  # exact type: a subclass may change forward()
-            return lora_type
-    return None
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -76,7 +68,9 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
 
 def _as_list(targets: str | Iterable[str]) -> list[str]:
     if isinstance(targets, str):
-        return [targets]
+        targets = [targets]
+    elif targets is None or not isinstance(targets, Iterable):
+        raise TypeError(f"targets must be a layer name, a regex, or a list of them (e.g. ['q_proj', 'v_proj']), got {targets!r}")
     out = list(targets)
     if not out or not all(isinstance(t, str) and t for t in out):
         raise ValueError(f"targets must be a non-empty string or list of non-empty strings, got {targets!r}")
@@ -89,8 +83,8 @@ def _matches(target: str, name: str, pattern: re.Pattern | None) -> bool:
     return pattern is not None and pattern.fullmatch(name) is not None
 
 
-def _candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """All named modules except the model itself and modules *inside* a LoRA layer."""
+def base_module_names(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Named modules as the base model has them: a LoRA layer counts as one module, its insides don't."""
     inside: list[str] = []
     out = []
     for name, module in model.named_modules():
@@ -102,23 +96,36 @@ def _candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def _supported_names(model: nn.Module) -> list[str]:
-    return [n for n, m in _candidate_modules(model) if isinstance(m, LoRALayer) or _wrapper_for(m) is not None]
+def _wrappable(module: nn.Module) -> bool:
+    return isinstance(module, LoRALayer) or lora_wrapper(module) is not None
 
 
 def _describe_available(model: nn.Module) -> str:
-    names = _supported_names(model)
+    names = [n for n, m in base_module_names(model) if _wrappable(m)]
     if not names:
-        return "the model has no nn.Linear or nn.Embedding layers"
+        return "the model has no layer LoRA can wrap (nn.Linear, nn.Embedding, transformers' Conv1D)"
     short = sorted({n.rsplit(".", 1)[-1] for n in names})
     listing = ", ".join(names[:12]) + (f", … ({len(names)} in all)" if len(names) > 12 else "")
     return f"short names: {short}; layers: {listing}"
 
 
+def _refusal(target: str, name: str, module: nn.Module, model: nn.Module) -> str:
+    what = type(module).__name__
+    if isinstance(module, nn.Linear):
+        why = ("it subclasses nn.Linear but its forward() does not compute x Wᵀ + b, so a LoRA branch beside it "
+               "would not be ΔW x; wrap it with your own LoRALayer subclass or target another layer")
+    elif any(_wrappable(m) for m in module.children()):
+        inner = [f"{name}.{n}" for n, m in module.named_children() if _wrappable(m)]
+        why = f"it is a container; target the layers inside it, e.g. {inner[:4]}"
+    else:
+        why = "LoRA wraps single linear or embedding layers (nn.Linear, nn.Embedding, transformers' Conv1D)"
+    return f"target {target!r} matched {name!r}, a {what}: {why}. Layers that can be wrapped — {_describe_available(model)}"
+
+
 def find_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
     """The qualified names that ``targets`` selects (see the module docstring), validated."""
     targets = _as_list(targets)
-    candidates = _candidate_modules(model)
+    candidates = base_module_names(model)
     selected: dict[str, None] = {}
     for t in targets:
         try:
@@ -127,24 +134,34 @@ def find_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
             pattern = None  # not a regular expression: plain name matching only
         hits = [(n, m) for n, m in candidates if _matches(t, n, pattern)]
         if not hits:
-            raise ValueError(f"target {t!r} matches no module. Available Linear/Embedding layers — {_describe_available(model)}")
+            raise ValueError(f"target {t!r} matches no module. Layers that can be wrapped — {_describe_available(model)}")
         for n, m in hits:
-            if not isinstance(m, LoRALayer) and _wrapper_for(m) is None:
-                supported = ", ".join(k.__name__ for k in LORA_LAYER_TYPES)
-                if type(m).__name__ == "Conv1D":
-                    supported += " (GPT-2's Conv1D after `import lora_edu.hf`)"
-                raise TypeError(
-                    f"target {t!r} matched {n!r}, a {type(m).__name__}; LoRA wraps single layers of type {supported}. "
-                    f"Target the layers inside it instead — {_describe_available(model)}"
-                )
+            if not _wrappable(m):
+                raise TypeError(_refusal(t, n, m, model))
             selected[n] = None
     return list(selected)
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name`` by ``new``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def tied_weights(model: nn.Module, names: Iterable[str]) -> dict[str, list[str]]:
+    """For each layer in ``names``: the other parameters that share its weight tensor (tied embedding/lm_head)."""
+    by_tensor: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(p), []).append(pname)
+    out = {}
+    for n in names:
+        W = model.get_submodule(n).weight
+        own = {f"{n}.weight", f"{n}.base.weight"}
+        others = [p for p in by_tensor.get(id(W), []) if p not in own]
+        if others:
+            out[n] = others
+    return out
 
 
 def add_lora(
@@ -160,31 +177,37 @@ def add_lora(
     """Inject adapter ``adapter`` into every layer that ``targets`` selects, in place; returns ``model``.
 
     Everything is frozen except the new adapter's A and B and the parameters of
-    ``trainable_modules`` (e.g. a freshly initialised classification head, which
-    is then also saved with the adapter by :func:`lora_edu.save_adapter`).  A layer
-    that already carries LoRA gets a second, named adapter, which becomes the active
-    one (see :func:`set_adapter`).  Validation happens before anything is changed.
+    ``trainable_modules`` (e.g. a freshly initialised classification head, which is
+    then also saved with the adapter).  A layer that already carries LoRA gets a
+    second, named adapter, which becomes the active one.  Everything is checked
+    before anything changes; a target whose weight is tied to another layer's
+    (e.g. an embedding shared with the output head) gets a warning, as in PEFT.
     """
-    validate_hyperparameters(r, alpha, dropout)
+    check_adapter_name(adapter)
+    AdapterConfig(r=r, alpha=alpha, dropout=dropout, rslora=rslora)  # validates the hyper-parameters
     names = find_targets(model, targets)
     extra = find_trainable_modules(model, trainable_modules)
-    existing = adapter_names(model)
-    if adapter in existing:
+    if adapter in adapter_names(model):
         raise ValueError(
             f"the model already has an adapter named {adapter!r} (double injection). "
             f"Pass adapter='<another name>' to add a second adapter, or delete_adapter(model, {adapter!r}) first"
         )
-    for n in names:
-        m = model.get_submodule(n)
-        if isinstance(m, LoRALayer) and m.merged:
-            raise RuntimeError(f"{n!r} has a merged adapter; unmerge_lora(model) before adding another adapter")
+    merged = [n for n, layer in lora_layers(model) if layer.merged]
+    if merged:
+        raise RuntimeError(f"{merged[0]!r} has a merged adapter; unmerge_lora(model) before adding another adapter")
+    for n, others in tied_weights(model, names).items():
+        warnings.warn(
+            f"{n!r} shares its weight with {others}: merging this adapter will change those too, so the merged model "
+            "will differ from the unmerged one. Keep the adapter unmerged, or untie the weights first",
+            stacklevel=2,
+        )
     freeze(model)
     for n in names:
         m = model.get_submodule(n)
         if isinstance(m, LoRALayer):
             m.add_adapter(adapter, r, alpha, dropout, rslora)
         else:
-            _set_submodule(model, n, _wrapper_for(m)(m, r, alpha, dropout, rslora, adapter=adapter))
+            set_submodule(model, n, wrap(m, r, alpha, dropout, rslora, adapter))
     set_adapter(model, adapter)
     for n in extra:
         model.get_submodule(n).requires_grad_(True)
@@ -194,9 +217,9 @@ def add_lora(
 
 def find_trainable_modules(model: nn.Module, names: Sequence[str]) -> list[str]:
     """Validate ``trainable_modules``: exact names or dotted suffixes of existing, non-LoRA modules."""
-    names = [names] if isinstance(names, str) else list(names)
+    names = [names] if isinstance(names, str) else list(names or ())
     out = []
-    all_names = [n for n, _ in model.named_modules() if n]
+    all_names = [n for n, _ in base_module_names(model)]
     for t in names:
         hits = [n for n in all_names if n == t or n.endswith("." + t)]
         if not hits:
@@ -210,13 +233,21 @@ def find_trainable_modules(model: nn.Module, names: Sequence[str]) -> list[str]:
 
 def _trainable_registry(model: nn.Module) -> dict[str, list[str]]:
     """Per-adapter list of fully trainable modules, kept on the model object."""
-    if "_lora_trainable_modules" not in model.__dict__:
-        model.__dict__["_lora_trainable_modules"] = {}
-    return model.__dict__["_lora_trainable_modules"]
+    registry = getattr(model, "lora_trainable_modules", None)
+    if registry is None:
+        registry = {}
+        model.lora_trainable_modules = registry
+    return registry
 
 
 def trainable_modules_of(model: nn.Module, adapter: str) -> list[str]:
+    """The fully trainable modules (e.g. a new head) that belong to ``adapter``."""
     return list(_trainable_registry(model).get(adapter, []))
+
+
+def set_trainable_modules(model: nn.Module, adapter: str, modules: Sequence[str]) -> None:
+    """Record ``modules`` as fully trainable modules of ``adapter`` (used by the adapter loaders)."""
+    _trainable_registry(model)[adapter] = list(modules)
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -229,6 +260,7 @@ def adapter_names(model: nn.Module) -> list[str]:
 
 
 def active_adapter(model: nn.Module) -> str | None:
+    """The model's active adapter (layers that lack it run as their base layer)."""
     names = {layer.active_adapter for _, layer in lora_layers(model)} - {None}
     if len(names) > 1:
         raise RuntimeError(f"layers disagree on the active adapter: {sorted(names)}; call set_adapter(model, name)")
@@ -242,12 +274,12 @@ def _require_lora(model: nn.Module) -> list[tuple[str, LoRALayer]]:
     return layers
 
 
-def set_adapter(model: nn.Module, name: str) -> None:
+def set_adapter(model: nn.Module, name: str | None) -> None:
     """Make ``name`` the single active adapter: only it is used in forward and only it is trainable."""
     layers = _require_lora(model)
-    if name not in adapter_names(model):
+    if name is not None and name not in adapter_names(model):
         raise KeyError(f"no adapter {name!r} in the model; available: {adapter_names(model)}")
-    merged = {l.merged_adapter for _, l in layers} - {None}
+    merged = {layer.merged_adapter for _, layer in layers} - {None}
     if merged and merged != {name}:
         raise RuntimeError(f"adapter {sorted(merged)} is merged; unmerge_lora(model) before switching to {name!r}")
     for _, layer in layers:
@@ -258,56 +290,78 @@ def set_adapter(model: nn.Module, name: str) -> None:
 def disable_lora(model: nn.Module):
     """Context manager: inside it the model computes the plain base model (no ΔW anywhere)."""
     layers = _require_lora(model)
-    merged = [n for n, l in layers if l.merged]
+    merged = [n for n, layer in layers if layer.merged]
     if merged:
         raise RuntimeError(f"cannot disable LoRA while adapters are merged (e.g. {merged[0]!r}); unmerge_lora(model) first")
-    previous = [l.disabled for _, l in layers]
-    for _, l in layers:
-        l.disabled = True
+    previous = [layer.disabled for _, layer in layers]
+    for _, layer in layers:
+        layer.disabled = True
     try:
         yield model
     finally:
-        for (_, l), p in zip(layers, previous):
-            l.disabled = p
+        for (_, layer), p in zip(layers, previous):
+            layer.disabled = p
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter ``name`` from every layer (layers left with none keep working as the base)."""
+    """Remove adapter ``name`` from every layer.
+
+    If it was the active adapter, the first remaining adapter becomes active on every
+    layer that has it (layers without it run as their base layer), so the model and
+    :func:`active_adapter` agree; with none left, the model computes the base model.
+    """
     layers = _require_lora(model)
     if name not in adapter_names(model):
         raise KeyError(f"no adapter {name!r} in the model; available: {adapter_names(model)}")
+    merged = [n for n, layer in layers if layer.merged_adapter == name]
+    if merged:
+        raise RuntimeError(f"adapter {name!r} is merged at {merged[0]!r}; unmerge_lora(model) before deleting it")
+    was_active = active_adapter(model) == name
     for _, layer in layers:
         if name in layer.adapters:
             layer.delete_adapter(name)
     _trainable_registry(model).pop(name, None)
+    remaining = adapter_names(model)
+    if was_active:
+        set_adapter(model, remaining[0] if remaining else None)
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The trainable LoRA parameters (A and B of the active adapter), for the optimizer."""
     params = []
     for _, layer in _require_lora(model):
-        name = layer.active_adapter
-        if name is not None:
-            params += [p for p in (layer.lora_A[name], layer.lora_B[name]) if p.requires_grad]
+        if layer.active_adapter is not None:
+            params += [p for p in layer.lora_factors() if p.requires_grad]
     return params
+
+
+def lora_B_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable B factors of the active adapter (LoRA+, Hayou et al. 2024, gives them a larger learning rate)."""
+    return [layer.lora_factors()[1] for _, layer in lora_layers(model)
+            if layer.active_adapter is not None and layer.lora_factors()[1].requires_grad]
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold the active adapter into every base weight: W ← W + s·B A.  Refuses a second merge."""
-    layers = [(n, l) for n, l in _require_lora(model) if l.active_adapter is not None]
-    already = [n for n, l in layers if l.merged]
+    layers = [(n, layer) for n, layer in _require_lora(model) if layer.active_adapter is not None]
+    if not layers:
+        raise RuntimeError("no layer has an active adapter to merge; set_adapter(model, name) first")
+    already = [n for n, layer in layers if layer.merged]
     if already:
         raise RuntimeError(
             f"the model is already merged (e.g. {already[0]!r}); merging again would add ΔW twice. Call unmerge_lora(model) first"
         )
+    disabled = [n for n, layer in layers if layer.disabled]
+    if disabled:
+        raise RuntimeError(f"cannot merge inside disable_lora() (e.g. {disabled[0]!r} is disabled)")
     for _, layer in layers:
         layer.merge()
     return model
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
-    """Undo :func:`merge_lora`: W ← W − s·B A in every merged layer."""
-    merged = [l for _, l in _require_lora(model) if l.merged]
+    """Undo :func:`merge_lora`: W ← W − s·B A in every merged layer, with the factors that were merged."""
+    merged = [layer for _, layer in _require_lora(model) if layer.merged]
     if not merged:
         raise RuntimeError("nothing to unmerge: no adapter is merged into the model")
     for layer in merged:
@@ -322,11 +376,14 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     plain model computes the adapted function.  ``merge=False``: merged adapters are
     unmerged and all adapters are dropped, giving back the base model.
     """
-    for name, layer in list(_require_lora(model)):
+    layers = _require_lora(model)
+    if merge and any(layer.disabled for _, layer in layers):
+        raise RuntimeError("cannot unload with merge=True inside disable_lora()")
+    for name, layer in layers:
         if merge and not layer.merged and layer.active_adapter is not None:
             layer.merge()
         if not merge and layer.merged:
             layer.unmerge()
-        _set_submodule(model, name, layer.base)
-    model.__dict__.pop("_lora_trainable_modules", None)
+        set_submodule(model, name, layer.base)
+    _trainable_registry(model).clear()
     return model

@@ -1,0 +1,229 @@
+"""One adapter in memory: what every file format reads into and writes from.
+
+An :class:`AdapterState` is the adapter alone — per adapted layer its hyper-parameters
+and factors A (r, in), B (out, r), plus the parameters of fully trainable extra modules
+(e.g. a new classification head).  The native file (:mod:`lora_edu.adapters.native`)
+and PEFT's folder (:mod:`lora_edu.adapters.peft`) are two codecs to and from it.
+
+:func:`apply_adapter_state` is the only code that puts an adapter into a model.  It
+checks *everything* against the model first — names, layer kinds, shapes, hyper-
+parameters, dtypes, finiteness, merged layers, which parameters may be written — and
+raises :class:`AdapterFileError` without touching the model; only then does it apply.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from lora_edu.core.config import AdapterConfig, adapter_dtype, check_adapter_name
+from lora_edu.core.inject import (
+    adapter_names,
+    base_module_names,
+    freeze,
+    lora_layers,
+    set_adapter,
+    set_submodule,
+    set_trainable_modules,
+    trainable_modules_of,
+)
+from lora_edu.core.kinds import is_transposed_linear, layer_kind, lora_wrapper, wrap
+from lora_edu.core.layers import LoRALayer
+
+__all__ = ["AdapterFileError", "AdapterState", "LayerState", "adapter_state", "apply_adapter_state", "resolve_adapter", "layer_shape"]
+
+
+class AdapterFileError(ValueError):
+    """An adapter file is missing, corrupt, truncated, or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class LayerState:
+    """One adapted layer: ``kind`` ("linear" or "embedding"), its hyper-parameters and factors."""
+
+    kind: str
+    config: AdapterConfig
+    A: torch.Tensor  # (r, in)
+    B: torch.Tensor  # (out, r)
+
+
+@dataclass
+class AdapterState:
+    """A whole adapter: its name, the adapted layers by module path, and extra trainable modules."""
+
+    name: str
+    layers: dict[str, LayerState]
+    trainable_modules: list[str] = field(default_factory=list)
+    modules: dict[str, torch.Tensor] = field(default_factory=dict)  # full parameter path -> tensor
+
+
+def resolve_adapter(model: nn.Module, adapter: str | None) -> str:
+    """The adapter to save: ``adapter`` if the model has it, else the single active one."""
+    names = adapter_names(model)
+    if not names:
+        raise ValueError("the model has no LoRA adapters to save; call add_lora(...) first")
+    if adapter is None:
+        active = {layer.active_adapter for _, layer in lora_layers(model)} - {None}
+        if len(active) != 1:
+            raise ValueError(f"pass adapter=<name>: the model has adapters {names} and active {sorted(active)}")
+        adapter = active.pop()
+    if adapter not in names:
+        raise KeyError(f"no adapter {adapter!r}; available: {names}")
+    return adapter
+
+
+def adapter_state(model: nn.Module, adapter: str | None = None) -> AdapterState:
+    """The adapter ``adapter`` (default: the active one) of ``model``, detached on the CPU.
+
+    Warns when other parameters are trainable (e.g. an unfrozen base layer): their
+    changes are not part of the adapter and would be lost.
+    """
+    name = resolve_adapter(model, adapter)
+    layers = {}
+    for path, layer in lora_layers(model):
+        if name in layer.adapters:
+            A, B = layer.lora_factors(name)
+            layers[path] = LayerState(layer_kind(layer), layer.adapters[name], _cpu(A), _cpu(B))
+    extra = trainable_modules_of(model, name)
+    modules = {f"{m}.{p}": _cpu(t) for m in extra for p, t in model.get_submodule(m).named_parameters()}
+    lora_ids = {id(p) for _, layer in lora_layers(model) for p in (*layer.lora_A.values(), *layer.lora_B.values())}
+    stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in lora_ids
+             and not any(n.startswith(m + ".") for m in extra)]
+    if stray:
+        warnings.warn(
+            f"parameters {stray[:4]}{' …' if len(stray) > 4 else ''} are trainable but not part of adapter {name!r}: "
+            "whatever they learned is not saved. Freeze them, or declare their module with add_lora(..., trainable_modules=[...])",
+            stacklevel=3,
+        )
+    return AdapterState(name, layers, extra, modules)
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().contiguous()
+
+
+def layer_shape(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of the map LoRA adapts: (num_embeddings, dim) for an embedding; W's storage order does not matter."""
+    base = module.base if isinstance(module, LoRALayer) else module
+    if isinstance(base, nn.Embedding):
+        return base.num_embeddings, base.embedding_dim
+    if isinstance(module, LoRALayer):
+        return module.in_features, module.out_features
+    d0, d1 = module.weight.shape
+    return (d0, d1) if is_transposed_linear(module) else (d1, d0)  # Conv1D stores (in, out), nn.Linear (out, in)
+
+
+def apply_adapter_state(model: nn.Module, state: AdapterState, cast: bool = False, where: str = "") -> nn.Module:
+    """Put ``state`` into ``model`` as the active adapter: validate everything, then apply.
+
+    The model may be plain (layers are wrapped as needed) or already carry LoRA; an
+    adapter of the same name must cover the same layers with the same r, α and scale
+    rule (its A and B are overwritten).  ``cast=True`` converts factors whose dtype
+    differs from the model's adapter dtype; otherwise that is an error.
+    """
+    prefix = f"{where}: " if where else ""
+
+    def fail(msg: str):
+        raise AdapterFileError(prefix + msg)
+
+    try:
+        name = check_adapter_name(state.name)
+    except ValueError as e:
+        fail(str(e))
+    if not state.layers:
+        fail("the adapter has no layers")
+    merged = [n for n, layer in lora_layers(model) if layer.merged]
+    if merged:
+        fail(f"{merged[0]!r} has a merged adapter; unmerge_lora(model) before loading an adapter")
+    have = {n for n, layer in lora_layers(model) if name in layer.adapters}
+    if have and have != set(state.layers):
+        only_model, only_file = sorted(have - set(state.layers)), sorted(set(state.layers) - have)
+        fail(f"adapter {name!r} in the model covers other layers than the file: only in model {only_model[:4]}, "
+             f"only in file {only_file[:4]}. Load under another name (adapter='...') or delete_adapter(model, {name!r}) first")
+
+    plan = []
+    for path, ls in state.layers.items():
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            fail(f"the model has no module {path!r}; was the adapter saved from another architecture?")
+        if not isinstance(module, LoRALayer) and lora_wrapper(module) is None:
+            fail(f"{path!r} is a {type(module).__name__}, a layer lora_edu cannot put LoRA on. Nothing was loaded")
+        if layer_kind(module) != ls.kind:
+            fail(f"{path!r} is a {type(module).__name__} but the file stores {ls.kind}-style LoRA factors for it")
+        n_in, n_out = layer_shape(module)
+        r = ls.config.r
+        A, B = ls.A, ls.B
+        if A.ndim != 2 or B.ndim != 2 or tuple(A.shape) != (r, n_in) or tuple(B.shape) != (n_out, r):
+            fail(f"{path!r} has A {tuple(A.shape)} and B {tuple(B.shape)}; with r={r} this {type(module).__name__} "
+                 f"(in={n_in}, out={n_out}) needs A {(r, n_in)} and B {(n_out, r)}. Different model size, or wrong rank?")
+        if isinstance(module, LoRALayer) and name in module.adapters:
+            cfg = module.adapters[name]
+            if (cfg.r, cfg.alpha, cfg.rslora) != (r, ls.config.alpha, ls.config.rslora):
+                fail(f"{path!r} has adapter {name!r} with r={cfg.r}, alpha={cfg.alpha:g}, scale {cfg.scale_rule} in the model "
+                     f"but r={r}, alpha={ls.config.alpha:g}, scale {ls.config.scale_rule} in the file (the scale s would "
+                     f"silently change); delete_adapter(model, {name!r}) first or load under another name")
+            target = module.lora_A[name].dtype
+        else:
+            target = adapter_dtype(module.weight.dtype)
+        for t, what in ((A, "A"), (B, "B")):
+            if not t.is_floating_point():
+                fail(f"{path}.{what} has dtype {t.dtype}; LoRA factors must be floating point")
+            if t.dtype != target and not cast:
+                fail(f"{path}.{what} is {_dtype_name(t.dtype)} but the model's adapter dtype is {_dtype_name(target)}; "
+                     "pass cast=True to convert")
+            if not torch.isfinite(t).all():
+                fail(f"{path}.{what} contains NaN or inf values; the adapter is damaged")
+        plan.append((path, module, ls))
+
+    declared = list(state.trainable_modules)
+    names = {n for n, _ in base_module_names(model)}
+    for m in declared:
+        if m not in names:
+            fail(f"the model has no module {m!r} (a trainable module of the adapter)")
+        if isinstance(model.get_submodule(m), LoRALayer):
+            fail(f"{m!r} is a LoRA layer; it cannot also be a fully trainable module")
+    extra_plan = []
+    for key, t in state.modules.items():
+        owner = next((m for m in declared if key.startswith(m + ".")), None)
+        if owner is None:
+            fail(f"tensor {key!r} belongs to no declared trainable module ({declared}); refusing to overwrite it")
+        try:
+            p = model.get_parameter(key)
+        except AttributeError:
+            fail(f"the model has no parameter {key!r} (saved trainable module {owner!r})")
+        if p.shape != t.shape:
+            fail(f"{key} has shape {tuple(p.shape)} in the model, {tuple(t.shape)} in the file")
+        if t.dtype != p.dtype and not cast:
+            fail(f"{key} is {_dtype_name(t.dtype)} in the file but {_dtype_name(p.dtype)} in the model; pass cast=True to convert")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            fail(f"{key} contains NaN or inf values; the adapter is damaged")
+        extra_plan.append((p, t))
+
+    # ---- apply: nothing below depends on the file's contents being valid ------------------------
+    freeze(model)
+    for path, module, ls in plan:
+        cfg = ls.config
+        if not isinstance(module, LoRALayer):
+            module = wrap(module, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, name)
+            set_submodule(model, path, module)
+        elif name not in module.adapters:
+            module.add_adapter(name, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora)
+        A, B = module.lora_factors(name)
+        with torch.no_grad():
+            A.copy_(ls.A)
+            B.copy_(ls.B)
+    set_adapter(model, name)
+    for p, t in extra_plan:
+        with torch.no_grad():
+            p.copy_(t)
+    for m in declared:
+        model.get_submodule(m).requires_grad_(True)
+    set_trainable_modules(model, name, declared)
+    return model
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")

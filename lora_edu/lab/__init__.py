@@ -1,0 +1,1 @@
+"""The course lab: offline data, small models and their checkpoints, one training loop, experiments, analysis, the tour."""
