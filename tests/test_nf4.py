@@ -171,7 +171,7 @@ def test_bound_is_tight_for_gaussian_weights():
 # ---------------------------------------------------------------- memory
 
 
-@pytest.mark.parametrize("numel", [64 * 256 * 3, 1000, 64 * 257])
+@pytest.mark.parametrize("numel", [64 * 256 * 3, 1000, 999, 64 * 257])
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_measured_bits_equal_formula(numel, double_quant):
     q = quantize_nf4(torch.randn(numel), double_quant=double_quant)
@@ -251,7 +251,8 @@ def test_state_dict_round_trip_and_single_quant():
 def test_padding_of_a_partial_last_block():
     w = torch.randn(7, 10)  # 70 = 64 + 6: the last block is zero-padded to 64
     q = quantize_nf4(w, double_quant=False)
-    assert q.codes.numel() == 64 and q.absmax.numel() == 2 and dequantize_nf4(q).shape == (7, 10)
+    assert q.codes.numel() == 35 and q.absmax.numel() == 2 and dequantize_nf4(q).shape == (7, 10)  # padding not stored
+    assert quantize_nf4(torch.randn(3, 3), double_quant=False).codes.numel() == 5  # odd numel: one spare nibble
     alone = quantize_nf4(w.reshape(-1)[64:], double_quant=False)  # the 6 stragglers quantised on their own
     assert torch.equal(dequantize_nf4(q).reshape(-1)[64:], dequantize_nf4(alone))
 
@@ -284,6 +285,8 @@ def test_requantize_merge_error():
     q = quantize_nf4(w, double_quant=False)
     zero = requantize_merge_error(q, torch.zeros(128, 128))
     assert zero.requantized_weight_relative == 0.0 and zero.codes_changed == 0.0  # the grid maps onto itself
+    q2 = quantize_nf4(w)  # with double quantisation the constants are re-quantised too: not a fixed point
+    assert requantize_merge_error(q2, torch.zeros(128, 128)).requantized_weight_relative > 0
     delta = 1e-2 * w.norm() * torch.randn(128, 128, generator=gen) / 128  # ‖ΔW‖ ≈ 1 % of ‖W‖
     m = requantize_merge_error(q, delta)
     assert m.requantized > 0.5  # re-quantising loses most of a small update

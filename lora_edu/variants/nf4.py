@@ -195,7 +195,7 @@ class NF4Quantized:
     ``absmax_mean``), ``absmax_scale`` the second-level fp32 constants c₁, one per 256 constants.
     """
 
-    codes: Tensor  # (n_blocks·block_size / 2,) uint8: two NF4 indices per byte
+    codes: Tensor  # (ceil(numel / 2),) uint8: two NF4 indices per byte, block padding not stored
     shape: torch.Size  # the original weight's shape
     dtype: torch.dtype  # the original weight's dtype (the default of dequantize)
     block_size: int
@@ -269,8 +269,8 @@ def quantize_nf4(weight: Tensor, block_size: int = 64, double_quant: bool = True
 
     The weight is flattened in row-major order and cut into blocks of ``block_size`` (QLoRA and
     bitsandbytes: 64).  **A numel that is not a multiple of block_size is padded**, not refused:
-    the last block is filled with zeros, which do not change its absmax and are dropped by
-    :func:`dequantize_nf4`; the padding's codes are stored and counted in ``bits_per_parameter``.
+    the last block is filled with zeros while it is quantised (they change no absmax), and only
+    the real weights' codes are stored, ceil(numel/2) bytes, as in bitsandbytes.
     Double quantisation (QLoRA §3): mean-centre the (n_blocks,) fp32 constants, absmax-quantise
     them to the 8-bit dynamic float in blocks of ``absmax_block_size`` (256), keep c₁ in fp32.
     float64 weights are rounded to float32 first (the constants are fp32 anyway).
@@ -280,6 +280,7 @@ def quantize_nf4(weight: Tensor, block_size: int = 64, double_quant: bool = True
     _check_block_size(absmax_block_size, "absmax_block_size")
     flat = weight.detach().reshape(-1).float()  # (numel,) float32
     indices, absmax = blockwise_absmax_quantize(flat, _nf4_code(flat.device), block_size)
+    indices = indices[: flat.numel() + flat.numel() % 2]  # drop the block padding (keep one code to fill a byte)
     common = dict(codes=pack_4bit(indices), shape=weight.shape, dtype=weight.dtype, block_size=block_size,
                   absmax_block_size=absmax_block_size)
     if not double_quant:
@@ -306,7 +307,8 @@ def dequantize_nf4(q: NF4Quantized, dtype: torch.dtype | None = None) -> Tensor:
     work = torch.float64 if dtype == torch.float64 else torch.float32
     code = _nf4_code(q.codes.device).to(work)
     absmax = q.dequantize_absmax().to(work)  # (n_blocks,)
-    flat = blockwise_absmax_dequantize(unpack_4bit(q.codes), absmax, code)  # (n_blocks·block_size,) incl. padding
+    indices = F.pad(unpack_4bit(q.codes), (0, q.n_blocks * q.block_size - 2 * q.codes.numel()))  # refill the last block
+    flat = blockwise_absmax_dequantize(indices, absmax, code)  # (n_blocks·block_size,)
     return flat[: q.numel].view(q.shape).to(dtype)
 
 
@@ -316,14 +318,15 @@ def nf4_bits_per_parameter(block_size: int = 64, double_quant: bool = True, absm
 
     Without ``numel``, the paper's asymptotic count: 4 + 32/64 = 4.5 bits (single) and
     4 + 8/64 + 32/(64·256) ≈ 4.127 bits (double).  With ``numel``, the exact count of what
-    :func:`quantize_nf4` stores for that many weights: padding to whole blocks, and the one fp32 mean.
+    :func:`quantize_nf4` stores for that many weights: ceil(numel/2) bytes of codes, one constant per
+    started block (and per started block of constants), and the one fp32 mean.
     """
     if numel is None:
         if not double_quant:
             return 4 + 32 / block_size
         return 4 + 8 / block_size + 32 / (block_size * absmax_block_size)
     n_blocks = math.ceil(numel / block_size)
-    bits = 4 * n_blocks * block_size
+    bits = 8 * math.ceil(numel / 2)
     if double_quant:
         bits += 8 * n_blocks + 32 * math.ceil(n_blocks / absmax_block_size) + 32
     else:
