@@ -29,3 +29,35 @@ def test_cli_help_lists_subcommands(capsys):
     text = capsys.readouterr().out
     for sub in ("tour", "pretrain"):
         assert sub in text
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--r", "0"], "r must be a positive int"),
+        (["--alpha", "-1"], "alpha must be > 0"),
+        (["--targets", "nope"], "target 'nope' matches no module"),
+        (["--model", "nope"], "no checkpoint 'nope'"),
+    ],
+)
+def test_tour_bad_input_is_one_line_and_creates_nothing(tmp_path, capsys, args, message):
+    out = tmp_path / "never"
+    rc = cli.main(["tour", "--out", str(out), "--quiet", "--device", "cpu", *args])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("lora-edu tour: error: ") and message in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_pretrain_never_writes_into_the_package_by_default(tmp_path, capsys, monkeypatch):
+    from lora_edu.lab import pretrain
+
+    shipped = {p: p.stat().st_mtime_ns for p in __import__("pathlib").Path(pretrain.CHECKPOINT_DIR).iterdir()}
+    rc = cli.main(["pretrain", "gpt-tiny", "--steps", "0"])
+    assert rc == 2 and "--steps must be at least 1" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    parser = cli.build_parser()
+    assert parser.parse_args(["pretrain"]).out_dir == "checkpoints"  # relative to the working folder, not the package
+    assert shipped == {p: p.stat().st_mtime_ns for p in __import__("pathlib").Path(pretrain.CHECKPOINT_DIR).iterdir()}

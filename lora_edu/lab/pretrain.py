@@ -188,6 +188,10 @@ def _fmt_final(meta: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.out_dir == "package":  # explicit opt-in: overwrite the checkpoints shipped inside the package
         args.out_dir = CHECKPOINT_DIR
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
     if args.list:
         have = set(available_checkpoints(args.out_dir))
         for name, r in RECIPES.items():
