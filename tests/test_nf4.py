@@ -215,7 +215,9 @@ def test_layer_is_frozen_has_no_weight_and_keeps_nothing_for_backward():
     assert [(n, p.requires_grad) for n, p in layer.named_parameters()] == [("bias", False)]
     assert torch.equal(layer.bias, lin.bias) and layer.bias.dtype == lin.bias.dtype
     assert {n: b.dtype for n, b in layer.named_buffers()} == {
-        "codes": torch.uint8, "absmax_codes": torch.uint8, "absmax_scale": torch.float32, "absmax_mean": torch.float32}
+        "codes": torch.uint8, "absmax_codes": torch.uint8, "absmax_scale": torch.float32, "absmax_mean": torch.float32,
+        "nf4_code": torch.float32, "absmax_code": torch.float32}  # the last two: constant code tables, not saved
+    assert set(layer.state_dict()) == {"codes", "absmax_codes", "absmax_scale", "absmax_mean", "bias"}
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
         layer(torch.randn(4, 80, requires_grad=True)).sum().backward()
@@ -232,7 +234,8 @@ def test_bf16_compute_and_dtype_casts():
     assert (y.double() - ref).abs().max() < 0.05 * ref.abs().max()
     before = layer.dequantize(torch.float32)
     layer.to(torch.float16)  # must not round the float32 constants
-    assert layer.absmax_scale.dtype == torch.float32 and torch.equal(layer.dequantize(torch.float32), before)
+    assert layer.absmax_scale.dtype == layer.nf4_code.dtype == torch.float32
+    assert torch.equal(layer.dequantize(torch.float32), before)
 
 
 def test_state_dict_round_trip_and_single_quant():

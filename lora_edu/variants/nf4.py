@@ -20,10 +20,14 @@ Then the layer QLoRA fine-tunes through (eq. 5: Y = X·doubleDequant(c₁, c₂,
 error analyses: :func:`quantization_error` and :func:`requantize_merge_error` (why an adapter is
 kept separate from a 4-bit base rather than merged into it).
 
-Conventions follow bitsandbytes (the paper's reference implementation), so the formats agree
-byte for byte: the first index of a pair sits in the high nibble; normalisation multiplies by
+Conventions follow bitsandbytes (the paper's reference implementation), so the stored formats are
+interchangeable: the first index of a pair sits in the high nibble; normalisation multiplies by
 the reciprocal of absmax; a value exactly half-way between two levels goes to the *lower* one
 (``torch.bucketize`` on the midpoints, ``right=False``); dequantisation multiplies in float32.
+Measured against bitsandbytes 0.50.2 on CPU (benchmarks/results/nf4_vs_bitsandbytes_cpu.txt): the
+same code tables, NF4 codes, constants and dequantised values bit for bit; with double quantisation
+its 8-bit kernel picks a code that is not the nearest for ~0.1–0.2 % of the constants (ours takes
+the nearest), and our dequantiser applied to its stored state reproduces its output bit for bit.
 This module depends on torch and math only.
 """
 from __future__ import annotations
@@ -177,7 +181,7 @@ def blockwise_absmax_quantize(x: Tensor, code: Tensor, block_size: int) -> tuple
 
 def blockwise_absmax_dequantize(indices: Tensor, absmax: Tensor, code: Tensor) -> Tensor:
     """code[index] · c_b for every block b, in the dtype of ``code``/``absmax``: (n_blocks·block_size,)."""
-    values = code[indices.long()].view(absmax.numel(), -1)  # (n_blocks, block_size)
+    values = code.index_select(0, indices.int()).view(absmax.numel(), -1)  # (n_blocks, block_size); int32, not int64, indices
     return (values * absmax[:, None]).reshape(-1)
 
 
@@ -232,13 +236,16 @@ class NF4Quantized:
         """Measured storage: 8 · nbytes / numel (compare :func:`nf4_bits_per_parameter`)."""
         return 8 * self.nbytes / self.numel
 
-    def dequantize_absmax(self) -> Tensor:
-        """The absmax constants c₂ as the format reconstructs them: (n_blocks,) float32 (eq. 6, inner dequant)."""
+    def dequantize_absmax(self, code8: Tensor | None = None) -> Tensor:
+        """The absmax constants c₂ as the format reconstructs them: (n_blocks,) float32 (eq. 6, inner dequant).
+
+        ``code8``: :func:`dynamic_8bit_code` already on the right device (rebuilt when None).
+        """
         if self.absmax is not None:
             return self.absmax
-        code8 = dynamic_8bit_code().to(self.absmax_codes.device)
+        code8 = dynamic_8bit_code().to(self.absmax_codes.device) if code8 is None else code8
         c1 = self.absmax_scale.repeat_interleave(self.absmax_block_size)[: self.n_blocks]  # (n_blocks,) c₁ of each c₂
-        return code8[self.absmax_codes.long()] * c1 + self.absmax_mean
+        return code8.index_select(0, self.absmax_codes.int()) * c1 + self.absmax_mean
 
     def to(self, device: torch.device | str) -> NF4Quantized:
         moved = {name: t.to(device) for name, t in self.tensors().items()}
@@ -293,20 +300,24 @@ def quantize_nf4(weight: Tensor, block_size: int = 64, double_quant: bool = True
                         **common)
 
 
-def dequantize_nf4(q: NF4Quantized, dtype: torch.dtype | None = None) -> Tensor:
+def dequantize_nf4(q: NF4Quantized, dtype: torch.dtype | None = None, *, code: Tensor | None = None,
+                   code8: Tensor | None = None) -> Tensor:
     """W = NF4[code] · c₂ per block, reshaped to the original shape (QLoRA eq. 6).
 
     The stored values are float32 levels times float32 (reconstructed) constants.  For float64 the
     product is formed in float64, where it is exact; for the other dtypes it is formed in float32
     and rounded once to ``dtype`` (as bitsandbytes does), so ``dequantize(float32) ==
     dequantize(float64).float()`` bit for bit.  ``dtype=None`` gives the original weight's dtype.
+    ``code``/``code8``: the float32 NF4 and 8-bit code tables already on the device (:class:`NF4Linear`
+    keeps them as buffers); rebuilt when None.  Temporaries of a few bytes per weight are made on the
+    way (indices, float32 values): a fused kernel, as in bitsandbytes, would avoid them.
     """
     dtype = q.dtype if dtype is None else dtype
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dequantize_nf4: dtype must be one of {FLOAT_DTYPES}, got {dtype}")
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    code = _nf4_code(q.codes.device).to(work)
-    absmax = q.dequantize_absmax().to(work)  # (n_blocks,)
+    code = (_nf4_code(q.codes.device) if code is None else code).to(work)
+    absmax = q.dequantize_absmax(code8).to(work)  # (n_blocks,)
     indices = F.pad(unpack_4bit(q.codes), (0, q.n_blocks * q.block_size - 2 * q.codes.numel()))  # refill the last block
     flat = blockwise_absmax_dequantize(indices, absmax, code)  # (n_blocks·block_size,)
     return flat[: q.numel].view(q.shape).to(dtype)
@@ -401,6 +412,9 @@ class NF4Linear(nn.Module):
         self.weight_dtype = weight.dtype
         for name in self._STORED:
             self.register_buffer(name, getattr(q, name))
+        # the code tables, built once per layer and moved with it (not saved: they are constants of the format)
+        self.register_buffer("nf4_code", _nf4_code(weight.device), persistent=False)
+        self.register_buffer("absmax_code", dynamic_8bit_code().to(weight.device) if double_quant else None, persistent=False)
         self.register_parameter("bias", None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False))
 
     @classmethod
@@ -419,14 +433,15 @@ class NF4Linear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """A fresh (out_features, in_features) tensor; ``dtype=None`` gives the original weight's dtype."""
-        return dequantize_nf4(self.quantized(), dtype)
+        return dequantize_nf4(self.quantized(), dtype, code=self.nf4_code, code8=self.absmax_code)
 
     def forward(self, x: Tensor) -> Tensor:
         return _DequantizedLinear.apply(x, self.bias, self).to(x.dtype)
 
     def _apply(self, fn, recurse: bool = True):
         # Module.to(dtype)/.half() would round the float32 constants; keep them float32, move devices only.
-        constants = {n: b for n in ("absmax", "absmax_scale", "absmax_mean") if (b := self._buffers.get(n)) is not None}
+        names = ("absmax", "absmax_scale", "absmax_mean", "nf4_code", "absmax_code")
+        constants = {n: b for n in names if (b := self._buffers.get(n)) is not None}
         super()._apply(fn, recurse)
         for name, original in constants.items():
             self._buffers[name] = original.to(self._buffers[name].device)
