@@ -126,6 +126,7 @@ def check_merge_equivalence(model: nn.Module, x, tolerance: float | None = None)
 
     was_merged = any(layer.merged for layer in layers)
     saved_weights = [layer.weight.detach().clone() for layer in layers]
+    saved_records = [layer._merged for layer in layers]  # what each merged layer added to W, as merge() recorded it
     saved_factors = [(p, p.grad, p.requires_grad) for layer in layers for p in layer.lora_factors()]
     saved_training = {m: m.training for m in model.modules()}
     try:
@@ -138,14 +139,12 @@ def check_merge_equivalence(model: nn.Module, x, tolerance: float | None = None)
             merge_lora(model)
             y_merged = _as_tensor(model(*args)).double()
     finally:
-        merged_now = any(layer.merged for layer in layers)
-        if was_merged and not merged_now:
-            merge_lora(model)
-        elif merged_now and not was_merged:
-            unmerge_lora(model)
+        # Restore W bit-for-bit (undoing the rounding of merge/unmerge) together with the merge records, so a later
+        # unmerge subtracts exactly what the user's merge added, even if A or B changed in place since.
         with torch.no_grad():
-            for layer, W in zip(layers, saved_weights):
-                layer.weight.copy_(W)  # bit-for-bit: undo the rounding of merge/unmerge
+            for layer, W, record in zip(layers, saved_weights, saved_records):
+                layer.weight.copy_(W)
+                layer._merged = record
         for p, grad, requires_grad in saved_factors:
             p.grad = grad
             p.requires_grad_(requires_grad)

@@ -20,14 +20,16 @@ reads like the paper.
 Merging (§4.1, "No Additional Inference Latency") folds ΔW into W.  The merge is
 correct by construction: ``merge()`` remembers the exact factors it added, freezes
 them (and drops their pending gradients), and ``unmerge()`` subtracts exactly that.
-The merged state travels with ``state_dict()`` (as the layer's extra state), so a
-merged checkpoint loaded into a fresh LoRA model is not merged a second time.
+The active and the merged adapter travel with ``state_dict()`` (as the layer's extra
+state), so a merged checkpoint loaded into a fresh LoRA model with the same adapters is
+not merged a second time, and computes what the saved model computed.
 
 Precision (one policy, :mod:`lora_edu.core.config`): adapters are float32 on a
 bfloat16/float16 base; ΔW is computed in at least float32 and rounded into W once.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -51,10 +53,12 @@ class _MergedFactors:
     versions: tuple[int, int]  # in-place version counters of the live A and B at merge time
 
 
-def _snapshot_after_load(layer: LoRALayer, incompatible_keys) -> None:
-    """``load_state_dict`` post-hook: a layer loaded as merged remembers the factors it was merged with."""
+def _after_load(layer: LoRALayer, incompatible_keys) -> None:
+    """``load_state_dict`` post-hook: a layer loaded as merged remembers the factors it was merged with;
+    only the loaded active adapter is trainable, and only when unmerged."""
     if layer.merged_adapter is not None:
         layer._remember_merged(layer.merged_adapter)
+    layer.set_adapter(layer.active_adapter)
 
 
 class LoRALayer(nn.Module):
@@ -78,7 +82,7 @@ class LoRALayer(nn.Module):
         self.active_adapter: str | None = None
         self.disabled = False  # set by lora_edu.disable_lora(): run the plain base layer
         self._merged: _MergedFactors | None = None
-        self.register_load_state_dict_post_hook(_snapshot_after_load)
+        self.register_load_state_dict_post_hook(_after_load)
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False) -> None:
@@ -228,11 +232,16 @@ class LoRALayer(nn.Module):
     def _check_merged_factors(self) -> None:
         m = self._merged
         A, B = self.lora_A[m.name], self.lora_B[m.name]
-        if (A._version, B._version) != m.versions:
-            raise RuntimeError(
-                f"adapter {m.name!r} was changed in place while merged, so W no longer equals W + s·B A. "
-                "Call unmerge() (exact: it subtracts what merge() added) and merge() again"
-            )
+        if (A._version, B._version) == m.versions:
+            return
+        # A copy of the model (deepcopy, pickle) has fresh version counters: compare the values, then trust the new counters.
+        if torch.equal(A.detach(), m.A) and torch.equal(B.detach(), m.B):
+            m.versions = (A._version, B._version)
+            return
+        raise RuntimeError(
+            f"adapter {m.name!r} was changed in place while merged, so W no longer equals W + s·B A. "
+            "Call unmerge() (exact: it subtracts what merge() added) and merge() again"
+        )
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(): the merge record follows the layer
         out = super()._apply(fn, recurse)
@@ -243,17 +252,27 @@ class LoRALayer(nn.Module):
         return out
 
     def get_extra_state(self) -> torch.Tensor:
-        """The merged adapter's name as UTF-8 bytes (empty: unmerged) — a tensor, so safetensors can store it."""
-        return torch.tensor(list((self.merged_adapter or "").encode()), dtype=torch.uint8)
+        """The active and the merged adapter as UTF-8 JSON — a uint8 tensor, so safetensors can store it."""
+        state = json.dumps({"active": self.active_adapter, "merged": self.merged_adapter})
+        return torch.tensor(list(state.encode()), dtype=torch.uint8)
 
     def set_extra_state(self, state) -> None:
-        name = bytes(state.tolist()).decode() if isinstance(state, torch.Tensor) else ""
-        if name and name not in self.adapters:
-            raise RuntimeError(f"the state dict says adapter {name!r} is merged, but this layer has adapters {sorted(self.adapters)}")
-        # The factors are loaded after this call; _snapshot_after_load records them.
-        self._merged = _MergedFactors(name, torch.empty(0), torch.empty(0), 0.0, (0, 0)) if name else None
-        if name:
-            self.active_adapter = name
+        text = bytes(state.tolist()).decode() if isinstance(state, torch.Tensor) else ""
+        if text.startswith("{"):
+            fields = json.loads(text)
+            active, merged = fields.get("active"), fields.get("merged")
+        else:  # the first format: only the merged adapter's name (empty: unmerged)
+            merged = text or None
+            active = merged or self.active_adapter
+        for name in {active, merged} - {None}:
+            if name not in self.adapters:
+                raise RuntimeError(f"the state dict names adapter {name!r}, but this layer has adapters {sorted(self.adapters)}; "
+                                   "build the model with the same adapters (add_lora) before load_state_dict")
+        if merged is not None and active != merged:
+            raise RuntimeError(f"the state dict says adapter {merged!r} is merged but {active!r} is active; it is damaged")
+        self.active_adapter = active
+        # The factors are loaded after this call; _after_load records them and sets requires_grad.
+        self._merged = _MergedFactors(merged, torch.empty(0), torch.empty(0), 0.0, (0, 0)) if merged else None
 
     # ------------------------------------------------------------------- forward
     def uses_adapter(self) -> bool:
