@@ -180,11 +180,14 @@ def apply_adapter_state(model: nn.Module, state: AdapterState, cast: bool = Fals
 
     declared = list(state.trainable_modules)
     names = {n for n, _ in base_module_names(model)}
+    lora_paths = set(state.layers) | {n for n, _ in lora_layers(model)}
     for m in declared:
         if m not in names:
             fail(f"the model has no module {m!r} (a trainable module of the adapter)")
-        if isinstance(model.get_submodule(m), LoRALayer):
-            fail(f"{m!r} is a LoRA layer; it cannot also be a fully trainable module")
+        inside = sorted(p for p in lora_paths if p == m or p.startswith(m + "."))
+        if inside:
+            fail(f"trainable module {m!r} is or contains the LoRA layer(s) {inside[:4]}; making it trainable would unfreeze "
+                 "their base weights, so the file is refused")
     extra_plan = []
     for key, t in state.modules.items():
         owner = next((m for m in declared if key.startswith(m + ".")), None)

@@ -186,7 +186,7 @@ def add_lora(
     check_adapter_name(adapter)
     AdapterConfig(r=r, alpha=alpha, dropout=dropout, rslora=rslora)  # validates the hyper-parameters
     names = find_targets(model, targets)
-    extra = find_trainable_modules(model, trainable_modules)
+    extra = find_trainable_modules(model, trainable_modules, names)
     if adapter in adapter_names(model):
         raise ValueError(
             f"the model already has an adapter named {adapter!r} (double injection). "
@@ -215,18 +215,29 @@ def add_lora(
     return model
 
 
-def find_trainable_modules(model: nn.Module, names: Sequence[str]) -> list[str]:
-    """Validate ``trainable_modules``: exact names or dotted suffixes of existing, non-LoRA modules."""
+def find_trainable_modules(model: nn.Module, names: Sequence[str], targets: Iterable[str] = ()) -> list[str]:
+    """Validate ``trainable_modules``: exact names or dotted suffixes of existing modules that hold no LoRA.
+
+    A trainable module must not be, or contain, a LoRA layer or one of ``targets`` (the layers
+    about to be wrapped): making it trainable would unfreeze their base weights.
+    """
     names = [names] if isinstance(names, str) else list(names or ())
     out = []
     all_names = [n for n, _ in base_module_names(model)]
+    lora = set(targets) | {n for n, _ in lora_layers(model)}
     for t in names:
+        if not isinstance(t, str) or not t:
+            raise TypeError(f"trainable_modules must be module names, got {t!r}")
         hits = [n for n in all_names if n == t or n.endswith("." + t)]
         if not hits:
             raise ValueError(f"trainable module {t!r} not found; top-level modules: {[n for n, _ in model.named_children()]}")
         for n in hits:
-            if isinstance(model.get_submodule(n), LoRALayer):
-                raise ValueError(f"{n!r} is a LoRA layer; list only plain modules (e.g. a new head) in trainable_modules")
+            inside = sorted(x for x in lora if x == n or x.startswith(n + "."))
+            if inside:
+                raise ValueError(
+                    f"trainable module {n!r} {'is' if inside == [n] else 'contains'} the LoRA layer(s) {inside[:4]}: making it "
+                    "trainable would unfreeze their base weights. List only plain modules (e.g. a new head) in trainable_modules"
+                )
             out.append(n)
     return out
 
@@ -251,7 +262,7 @@ def set_trainable_modules(model: nn.Module, adapter: str, modules: Sequence[str]
 
 
 def adapter_names(model: nn.Module) -> list[str]:
-    """All adapter names present anywhere in the model, in order of creation."""
+    """All adapter names present anywhere in the model: in module order, and on each layer in order of creation."""
     seen: dict[str, None] = {}
     for _, layer in lora_layers(model):
         for n in layer.adapters:
@@ -379,6 +390,9 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     layers = _require_lora(model)
     if merge and any(layer.disabled for _, layer in layers):
         raise RuntimeError("cannot unload with merge=True inside disable_lora()")
+    for _, layer in layers:
+        if merge and layer.merged:
+            layer._check_merged_factors()  # the merged ΔW is kept: it must still be s·B A (raises before anything changes)
     for name, layer in layers:
         if merge and not layer.merged and layer.active_adapter is not None:
             layer.merge()

@@ -6,11 +6,13 @@
   (its output on a small random input compared with ``F.linear(x, W, b)``) shows the
   override computes the same function (transformers' ``FalconLinear`` does; a layer
   that adds an activation does not).  The probe uses its own random generator and
-  ``no_grad``, so it changes neither the model nor the global RNG.
+  ``no_grad`` and bypasses forward hooks, so it changes neither the model nor the global RNG.
 * transformers' ``Conv1D`` (GPT-2; W stored (in, out)) → :class:`LoRALinear` with
   ``fan_in_fan_out=True``.  It is recognised when transformers is already imported —
   a model that contains one has imported it — so nothing is imported or registered.
 
+* a layer whose class names its own LoRA class in a ``lora_layer_class`` attribute (how
+  :mod:`lora_edu.variants` adds LoRA to a quantised base without touching the core);
 * a type the user registered with :func:`register_lora_layer` (an explicit call in user code;
   the library itself never registers anything).
 
@@ -57,7 +59,7 @@ def _keeps_linear_maths(module: nn.Linear) -> bool:
     x = torch.randn(3, module.in_features, generator=gen, device=W.device, dtype=W.dtype)
     with torch.no_grad():
         try:
-            y = module(x)
+            y = module.forward(x)  # not module(x): the user's forward hooks must not see the probe
         except Exception:
             return False
         expected = F.linear(x, W, module.bias)
@@ -73,6 +75,9 @@ def lora_wrapper(module: nn.Module) -> Callable[..., LoRALayer] | None:
         return None
     if type(module) in USER_LAYER_TYPES:
         return USER_LAYER_TYPES[type(module)]
+    own = getattr(type(module), "lora_layer_class", None)  # a base layer that names its LoRA class (e.g. a quantised linear)
+    if own is not None:
+        return own
     if isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward:
         return LoRAEmbedding
     if isinstance(module, nn.Linear) and _keeps_linear_maths(module):
