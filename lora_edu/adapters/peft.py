@@ -37,6 +37,7 @@ alphas (``rank_pattern`` / ``alpha_pattern``) are supported with PEFT's matching
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -45,6 +46,7 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
+import safetensors
 import safetensors.torch
 import torch
 import torch.nn as nn
@@ -70,6 +72,8 @@ __all__ = [
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel.base_model (LoraModel) .model (your model)
+_CONFIG_HASH = "lora_edu.config_sha256"  # weights-file metadata written by save_peft_adapter (PEFT ignores it)
+_FINGERPRINTED = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules")
 
 # lora_edu layer kind -> (key suffix of A, key suffix of B) in PEFT's files
 _KEYS = {"linear": ("lora_A.weight", "lora_B.weight"), "embedding": ("lora_embedding_A", "lora_embedding_B")}
@@ -219,9 +223,10 @@ def save_peft_adapter(
     The folder loads with ``peft.PeftModel.from_pretrained(base_model, path)`` and with
     :func:`lora_edu.load_adapter`.  Like PEFT's ``save_pretrained`` it writes its two
     files into the folder (created if missing) and leaves every other file alone; each
-    file is written atomically, the weights first, so an interrupted save leaves the
-    old adapter or a complete new one (at worst new weights beside the old config,
-    which the loader's shape and key checks refuse rather than misread).
+    file is written atomically, the weights first (the config only if it changed), so an
+    interrupted save leaves the old adapter, a complete new one, or new weights beside
+    the old config — which :func:`load_peft_adapter` recognises (the weights record a
+    fingerprint of their config's r, α and targets) and refuses rather than misreads.
     ``base_model_name_or_path`` / ``task_type`` (e.g. ``"CAUSAL_LM"``) are recorded for
     PEFT's ``AutoPeftModel`` classes.
     """
@@ -231,9 +236,14 @@ def save_peft_adapter(
     tensors, config = to_peft_state_dict(model, adapter)
     config["base_model_name_or_path"] = base_model_name_or_path
     config["task_type"] = task_type
+    config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    # "format": "pt" as PEFT writes it; the config's fingerprint lets the loader tell a pair torn by an interrupted save
+    metadata = {"format": "pt", _CONFIG_HASH: _fingerprint(config)}
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(folder / WEIGHTS_NAME, safetensors.torch.save(tensors, metadata={"format": "pt"}))  # as PEFT writes it
-    atomic_write_bytes(folder / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(folder / WEIGHTS_NAME, safetensors.torch.save(tensors, metadata=metadata))
+    cfg_path = folder / CONFIG_NAME
+    if not (cfg_path.is_file() and cfg_path.read_bytes() == config_bytes):
+        atomic_write_bytes(cfg_path, config_bytes)
     return folder
 
 
@@ -292,6 +302,8 @@ def read_peft_config(path: str | os.PathLike) -> dict:
     tm = cfg.get("target_modules")
     if not (isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(t, str) for t in tm))):
         raise AdapterFileError(f"{where}: target_modules must be a string (regex) or a list of names, got {tm!r}")
+    if not isinstance(cfg.get("use_rslora", False), bool):
+        raise AdapterFileError(f"{where}: use_rslora must be true or false, got {cfg['use_rslora']!r}")
     dropout = cfg.get("lora_dropout", 0.0)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise AdapterFileError(f"{where}: lora_dropout must be in [0, 1), got {dropout!r}")
@@ -305,7 +317,12 @@ def read_peft_config(path: str | os.PathLike) -> dict:
     return cfg
 
 
-def _read_peft_tensors(folder: Path) -> dict[str, torch.Tensor]:
+def _fingerprint(cfg: dict) -> str:
+    """sha256 of the config fields that decide which layers get which scale (what an interrupted save could mismatch)."""
+    return hashlib.sha256(json.dumps({k: cfg.get(k) for k in _FINGERPRINTED}, sort_keys=True).encode()).hexdigest()
+
+
+def _read_peft_tensors(folder: Path, cfg: dict) -> dict[str, torch.Tensor]:
     st = folder / WEIGHTS_NAME
     if not st.is_file():
         if (folder / "adapter_model.bin").is_file():
@@ -315,9 +332,19 @@ def _read_peft_tensors(folder: Path) -> dict[str, torch.Tensor]:
             )
         raise AdapterFileError(f"{folder}: no {WEIGHTS_NAME} next to {CONFIG_NAME}")
     try:
-        return safetensors.torch.load(st.read_bytes())
+        data = st.read_bytes()
+        tensors = safetensors.torch.load(data)
+        with safetensors.safe_open(str(st), framework="pt") as f:
+            metadata = f.metadata() or {}
     except Exception as e:  # safetensors raises several types for a damaged file
         raise AdapterFileError(f"{st}: cannot read the tensors (corrupt or truncated file?): {e}. Re-save the adapter") from e
+    expected = metadata.get(_CONFIG_HASH)
+    if expected is not None and expected != _fingerprint(cfg):
+        raise AdapterFileError(
+            f"{folder}: {WEIGHTS_NAME} was written with another {CONFIG_NAME} than the one beside it (its {list(_FINGERPRINTED)} "
+            "differ) — an interrupted save_adapter(), or a config edited by hand. Save the adapter again; nothing was loaded"
+        )
+    return tensors
 
 
 _FACTOR_RE = re.compile(
@@ -355,7 +382,7 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | 
     if not folder.is_dir():
         raise AdapterFileError(f"{folder} is not a folder; a PEFT adapter is a folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
     cfg = read_peft_config(folder)
-    tensors = _read_peft_tensors(folder)
+    tensors = _read_peft_tensors(folder, cfg)
     name = "default" if adapter is None else adapter
     if not isinstance(name, str) or not name.isidentifier():
         raise AdapterFileError(f"invalid adapter name {name!r}: adapter names must be Python identifiers")
@@ -365,7 +392,6 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | 
     kinds: dict[str, str] = {}
     saved_modules: list[tuple[str, torch.Tensor]] = []
     base_copies: list[tuple[str, torch.Tensor]] = []
-    lora_module_keys = {p[0] for p in map(_split_key, tensors) if p is not None}
     infixes: set[str | None] = set()
     modules_to_save = cfg.get("modules_to_save") or []
     if isinstance(modules_to_save, str):
@@ -384,12 +410,11 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | 
             factors[mod][factor] = t
             continue
         plain = key.removeprefix(PEFT_PREFIX)
-        mod = plain.rpartition(".")[0]
         owners = modules_to_save_paths(model, modules_to_save) if modules_to_save else []
         if any(plain.startswith(m + ".") for m in owners):
             saved_modules.append((plain, t))
             continue
-        if plain.endswith(".weight") and mod.removesuffix(".base_layer") in lora_module_keys:
+        if _base_parameter(model, plain) is not None:
             base_copies.append((plain, t))
             continue
         raise AdapterFileError(
@@ -452,15 +477,15 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | 
             raise AdapterFileError(f"{folder}: {mod!r}: {e}") from None
         layers[mod] = LayerState(kinds[mod], config, fs["A"], fs["B"])
 
-    # PEFT's save_pretrained also stores the base weights of adapted embedding layers (save_embedding_layers):
-    # accept them when they are this model's, refuse otherwise (they would change the base model).
+    # PEFT's save_pretrained(save_embedding_layers=...) also stores base parameters of the input and output embeddings
+    # (``embed_tokens.base_layer.weight``, ``lm_head.base_layer.bias``, or ``embed_tokens.weight`` when not adapted):
+    # accept them when they are this model's, refuse otherwise (loading them would change the base model).
     for key, t in base_copies:
-        mod = key.rpartition(".")[0].removesuffix(".base_layer")
-        W = _base_of(model.get_submodule(mod)).weight
+        W = _base_parameter(model, key)
         if tuple(W.shape) != tuple(t.shape) or not torch.equal(W.detach().cpu().to(t.dtype), t):
             raise AdapterFileError(
-                f"{folder}: the file carries the base weights of {mod!r} (PEFT saves adapted embedding layers with "
-                "save_embedding_layers) and they differ from this model's: wrong base model, or new tokens were added. "
+                f"{folder}: the file carries the base parameter {key!r} (PEFT's save_embedding_layers stores the embedding "
+                "layers' base weights) and it differs from this model's: wrong base model, or new tokens were added. "
                 "Load the base model the adapter was trained on (or resize/copy those embeddings first). Nothing was loaded"
             )
 
@@ -471,6 +496,17 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | 
             trainable.append(owner)
     state = AdapterState(name, layers, trainable, dict(saved_modules))
     return apply_adapter_state(model, state, cast=True, where=str(folder))
+
+
+def _base_parameter(model: nn.Module, key: str) -> torch.Tensor | None:
+    """The model's base parameter or buffer that a PEFT key names (``<module>[.base_layer].<param>``), or None."""
+    mod, _, attr = key.rpartition(".")
+    try:
+        module = model.get_submodule(mod.removesuffix(".base_layer"))
+    except AttributeError:
+        return None
+    t = getattr(_base_of(module), attr, None)
+    return t if isinstance(t, torch.Tensor) else None
 
 
 def modules_to_save_paths(model: nn.Module, modules_to_save) -> list[str]:
