@@ -18,9 +18,9 @@ import torch.nn as nn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-import lora_edu  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
+import lora_edu  # noqa: E402
 from lora_edu.adapters.hf import DEFAULT_TARGETS, default_targets  # noqa: E402
 
 pytestmark = [pytest.mark.interop, pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -128,8 +128,10 @@ def test_default_targets_equal_peft_table():
 @pytest.mark.parametrize(
     "model_type, make",
     [
-        ("mistral", lambda T: T.MistralConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, vocab_size=64)),
-        ("qwen2", lambda T: T.Qwen2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, vocab_size=64)),
+        ("mistral", lambda T: T.MistralConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                                    intermediate_size=64, vocab_size=64)),
+        ("qwen2", lambda T: T.Qwen2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                                intermediate_size=64, vocab_size=64)),
         ("gpt_neox", lambda T: T.GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=64)),
         ("bert", lambda T: T.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=64)),
         ("t5", lambda T: T.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, vocab_size=64)),

@@ -130,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
 
     _say("5. Save the adapter; compare sizes on disk")
     adapter_path = save_adapter(lora_model, out / "adapter.safetensors")
-    full_path = atomic_write_bytes(out / "full_model.safetensors", safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in full_model.state_dict().items()}))
+    full_state = {k: v.detach().cpu().contiguous() for k, v in full_model.state_dict().items()}
+    full_path = atomic_write_bytes(out / "full_model.safetensors", safetensors.torch.save(full_state))
     adapter_bytes, full_bytes = os.path.getsize(adapter_path), os.path.getsize(full_path)
     print(f"adapter {_mb(adapter_bytes)} vs full fine-tuned model {_mb(full_bytes)}: {full_bytes / adapter_bytes:.1f}× smaller")
 
@@ -153,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
         row("full fine-tuning", full_res, after_full, full_total, full_total),
     ]
     print(format_table(rows, list(rows[0])))
-    print(f"merge error ({str(report.dtype)[6:]}): max {report.max_abs_error:.3g}, relative {report.rel_error:.3g} -> {'PASSED' if report.passed else 'FAILED'}")
+    verdict = "PASSED" if report.passed else "FAILED"
+    print(f"merge error ({str(report.dtype)[6:]}): max {report.max_abs_error:.3g}, relative {report.rel_error:.3g} -> {verdict}")
     print(f"merge error (bfloat16 copy): relative {report_low.rel_error:.3g}, ΔW entries erased by rounding {100 * report_low.erased_fraction:.2f}%")
     print(f"adapter on disk: {_mb(adapter_bytes)}; full model: {_mb(full_bytes)}")
     peak_note = "peak memory is CUDA max_memory_allocated" if device.type == "cuda" else "peak memory is reported on CUDA only"
