@@ -4,7 +4,8 @@ An adapter is tiny next to its model — for GPT-3 175B with r = 4 on W_q, W_v, 
 35MB if stored in FP16" next to 350 GB (Hu et al. 2021, §7.1) — which is what makes one
 base model with many task adapters practical.
 
-Layout: tensors ``<module path>.lora_A`` (r, in) and ``<module path>.lora_B`` (out, r),
+Layout: tensors ``<module path>.lora_A`` (r, in) and ``<module path>.lora_B`` (out, r)
+(and ``<module path>.lora_magnitude`` (out,) for a DoRA layer, whose ``type`` is ``"DoRALinear"``),
 plus ``modules.<parameter path>`` for the declared fully trainable modules (e.g. a new
 head).  The safetensors header metadata holds ``{"format": "lora_edu.adapter",
 "format_version": "1", "config": <JSON>}``; the JSON config records the adapter name,
@@ -36,7 +37,7 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "encode_native", "decode_native", "read_a
 FORMAT = "lora_edu.adapter"
 FORMAT_VERSION = "1"
 _TYPE_OF_KIND = {"linear": "LoRALinear", "embedding": "LoRAEmbedding"}
-_KIND_OF_TYPE = {"LoRALinear": "linear", "LoRAConv1D": "linear", "LoRAEmbedding": "embedding"}
+_KIND_OF_TYPE = {"LoRALinear": "linear", "LoRAConv1D": "linear", "LoRAEmbedding": "embedding", "DoRALinear": "linear"}
 
 
 def encode_native(state: AdapterState) -> bytes:
@@ -44,8 +45,10 @@ def encode_native(state: AdapterState) -> bytes:
     tensors, layers = {}, {}
     for path, ls in state.layers.items():
         tensors[f"{path}.lora_A"], tensors[f"{path}.lora_B"] = ls.A, ls.B
+        if ls.m is not None:  # DoRA: the magnitude vector m (out,) beside A and B, and the layer type says so
+            tensors[f"{path}.lora_magnitude"] = ls.m
         cfg = ls.config
-        layers[path] = {"type": _TYPE_OF_KIND[ls.kind], "base_shape": [ls.B.shape[0], ls.A.shape[1]],
+        layers[path] = {"type": "DoRALinear" if ls.m is not None else _TYPE_OF_KIND[ls.kind], "base_shape": [ls.B.shape[0], ls.A.shape[1]],
                         "r": cfg.r, "alpha": cfg.alpha, "rslora": cfg.rslora, "dropout": cfg.dropout}
     for key, t in state.modules.items():
         tensors[f"modules.{key}"] = t
@@ -138,9 +141,15 @@ def decode_native(path: str | os.PathLike, name: str | None = None) -> AdapterSt
         base_shape = lc.get("base_shape")
         if not (isinstance(base_shape, list) and len(base_shape) == 2):
             raise AdapterFileError(f"{at}: base_shape must be [out, in], got {base_shape!r}")
-        layers[mod] = LayerState(kind, config, A, B)
+        m = None
+        if lc.get("type") == "DoRALinear":
+            m = tensors.get(f"{mod}.lora_magnitude")
+            if m is None:
+                raise AdapterFileError(f"{at}: a DoRALinear layer needs its magnitude tensor {mod + '.lora_magnitude'!r}, which is missing")
+        layers[mod] = LayerState(kind, config, A, B, m)
     modules = {k[len("modules."):]: t for k, t in tensors.items() if k.startswith("modules.")}
     expected = {f"{m}.lora_{f}" for m in layers for f in "AB"} | {f"modules.{k}" for k in modules}
+    expected |= {f"{m}.lora_magnitude" for m, ls in layers.items() if ls.m is not None}
     unexpected = sorted(set(tensors) - expected)
     if unexpected:
         raise AdapterFileError(f"{where}: tensors {unexpected[:4]} are not declared in the file's config; the file was edited or is damaged")

@@ -30,10 +30,12 @@ The orientation and init conventions are the same as lora_edu's (LoRA §4.1; PEF
 rescaling: s = lora_alpha / r, or lora_alpha / √r with ``use_rslora``.
 
 Loading validates the whole folder (config, every key, every shape, finiteness) before
-it changes the model, and refuses what lora_edu cannot compute identically — DoRA,
-LoRA biases, ``bias != "none"``, aLoRA, trainable tokens, layer types it cannot wrap —
+it changes the model, and refuses what lora_edu cannot compute identically — LoRA biases,
+``bias != "none"``, aLoRA, trainable tokens, DoRA on embeddings, layer types it cannot wrap —
 with an :class:`~lora_edu.adapters.AdapterFileError` saying why.  Per-module ranks and
 alphas (``rank_pattern`` / ``alpha_pattern``) are supported with PEFT's matching rule.
+DoRA (``use_dora=true``) on linear layers is read and written: the magnitude vector m (out,)
+is ``base_model.model.<path>.lora_magnitude_vector`` (:mod:`lora_edu.variants.dora`).
 """
 from __future__ import annotations
 
@@ -90,7 +92,6 @@ _INFORMATIONAL = {
 }
 # Fields that change what the adapted layer computes; a truthy value is refused.
 _UNSUPPORTED = {
-    "use_dora": "DoRA (weight-decomposed LoRA, Liu et al. 2024) rescales W + ΔW by a learned magnitude vector",
     "lora_bias": "LoRA biases (lora_bias=true) add a trainable bias to lora_B",
     "use_qalora": "QA-LoRA pools the input in groups before lora_A",
     "alora_invocation_tokens": "activated LoRA (aLoRA) switches the adapter on only after invocation tokens",
@@ -153,6 +154,11 @@ def to_peft_state_dict(model: nn.Module, adapter: str | None = None) -> tuple[di
     for name, ls in state.layers.items():
         tensors[peft_key(name, ls.kind, "A")] = ls.A
         tensors[peft_key(name, ls.kind, "B")] = ls.B
+        if ls.m is not None:  # DoRA (lora_edu.variants.dora): PEFT's key for the magnitude vector m (out,)
+            tensors[PEFT_PREFIX + name + "." + _MAGNITUDE] = ls.m
+    doras = {ls.m is not None for ls in state.layers.values()}
+    if len(doras) > 1:
+        raise ValueError(f"adapter {state.name!r} mixes DoRA and plain LoRA layers; PEFT has one use_dora flag per adapter")
     configs = {n: ls.config for n, ls in state.layers.items()}
     rsloras = {c.rslora for c in configs.values()}
     dropouts = {c.dropout for n, c in configs.items() if state.layers[n].kind == "linear"}  # PEFT never drops token ids
@@ -196,7 +202,7 @@ def to_peft_state_dict(model: nn.Module, adapter: str | None = None) -> tuple[di
         "layers_pattern": None,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "use_dora": False,
+        "use_dora": doras.pop(),
         "lora_bias": False,
     }
     return tensors, config
@@ -347,6 +353,8 @@ def _read_peft_tensors(folder: Path, cfg: dict) -> dict[str, torch.Tensor]:
     return tensors
 
 
+_MAGNITUDE = "lora_magnitude_vector"  # DoRA's m, (out,)
+_MAGNITUDE_RE = re.compile(r"^(?P<mod>.+)\.lora_magnitude_vector(?:\.(?P<infix>\w+)\.weight)?$")
 _FACTOR_RE = re.compile(
     r"^(?P<mod>.+)\.(?:(?P<lin>lora_[AB])(?:\.(?P<infix1>\w+))?\.weight|(?P<emb>lora_embedding_[AB])(?:\.(?P<infix2>\w+))?)$"
 )
@@ -396,9 +404,17 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | 
     modules_to_save = cfg.get("modules_to_save") or []
     if isinstance(modules_to_save, str):
         modules_to_save = [modules_to_save]
+    magnitudes: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
-        if "lora_magnitude_vector" in key:
-            raise AdapterFileError(f"{folder}: {key!r} is a DoRA magnitude vector; DoRA adapters are not supported. Nothing was loaded")
+        dora = _MAGNITUDE_RE.match(key.removeprefix(PEFT_PREFIX))
+        if dora is not None:  # DoRA's m: <mod>.lora_magnitude_vector (file) or <mod>.lora_magnitude_vector.<adapter>.weight
+            if not cfg.get("use_dora"):
+                raise AdapterFileError(f"{folder}: {key!r} is a DoRA magnitude vector but the config has use_dora=false. Nothing was loaded")
+            if dora["mod"] in magnitudes:
+                raise AdapterFileError(f"{folder}: duplicate DoRA magnitude for {dora['mod']!r}")
+            infixes.add(dora["infix"])
+            magnitudes[dora["mod"]] = t
+            continue
         parsed = _split_key(key)
         if parsed is not None:
             mod, kind, factor, infix = parsed
@@ -475,7 +491,14 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | 
             config = AdapterConfig(r=r, alpha=alpha, dropout=dropout, rslora=rslora)
         except (TypeError, ValueError) as e:
             raise AdapterFileError(f"{folder}: {mod!r}: {e}") from None
-        layers[mod] = LayerState(kinds[mod], config, fs["A"], fs["B"])
+        m = magnitudes.pop(mod, None)
+        if cfg.get("use_dora") and (m is None or kinds[mod] != "linear"):
+            raise AdapterFileError(f"{folder}: use_dora=true but {mod!r} has "
+                                   f"{'no lora_magnitude_vector' if m is None else 'Embedding-style keys (DoRA on embeddings is not implemented)'}"
+                                   ". Nothing was loaded")
+        layers[mod] = LayerState(kinds[mod], config, fs["A"], fs["B"], m)
+    if magnitudes:
+        raise AdapterFileError(f"{folder}: DoRA magnitude vectors for {sorted(magnitudes)[:4]} without lora_A/lora_B. Nothing was loaded")
 
     # PEFT's save_pretrained(save_embedding_layers=...) also stores base parameters of the input and output embeddings
     # (``embed_tokens.base_layer.weight``, ``lm_head.base_layer.bias``, or ``embed_tokens.weight`` when not adapted):

@@ -30,7 +30,8 @@ from lora_edu.core.inject import (
     trainable_modules_of,
 )
 from lora_edu.core.kinds import is_transposed_linear, layer_kind, lora_wrapper, wrap
-from lora_edu.core.layers import LoRALayer
+from lora_edu.core.layers import LoRALayer, LoRALinear
+from lora_edu.variants.dora import DoRALinear
 
 __all__ = ["AdapterFileError", "AdapterState", "LayerState", "adapter_state", "apply_adapter_state", "resolve_adapter", "layer_shape"]
 
@@ -47,6 +48,7 @@ class LayerState:
     config: AdapterConfig
     A: torch.Tensor  # (r, in)
     B: torch.Tensor  # (out, r)
+    m: torch.Tensor | None = None  # (out,) DoRA's magnitude vector (lora_edu.variants.dora); None for plain LoRA
 
 
 @dataclass
@@ -85,10 +87,12 @@ def adapter_state(model: nn.Module, adapter: str | None = None) -> AdapterState:
     for path, layer in lora_layers(model):
         if name in layer.adapters:
             A, B = layer.lora_factors(name)
-            layers[path] = LayerState(layer_kind(layer), layer.adapters[name], _cpu(A), _cpu(B))
+            m = _cpu(layer.lora_magnitude[name]) if isinstance(layer, DoRALinear) else None
+            layers[path] = LayerState(layer_kind(layer), layer.adapters[name], _cpu(A), _cpu(B), m)
     extra = trainable_modules_of(model, name)
     modules = {f"{m}.{p}": _cpu(t) for m in extra for p, t in model.get_submodule(m).named_parameters()}
-    lora_ids = {id(p) for _, layer in lora_layers(model) for p in (*layer.lora_A.values(), *layer.lora_B.values())}
+    lora_ids = {id(p) for _, layer in lora_layers(model)
+                for p in (*layer.lora_A.values(), *layer.lora_B.values(), *getattr(layer, "lora_magnitude", {}).values())}
     stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in lora_ids
              and not any(n.startswith(m + ".") for m in extra)]
     if stray:
@@ -176,6 +180,18 @@ def apply_adapter_state(model: nn.Module, state: AdapterState, cast: bool = Fals
                      "pass cast=True to convert")
             if not torch.isfinite(t).all():
                 fail(f"{path}.{what} contains NaN or inf values; the adapter is damaged")
+        if (ls.m is not None) != isinstance(module, DoRALinear) and isinstance(module, LoRALayer):
+            fail(f"{path!r} carries {'DoRA' if isinstance(module, DoRALinear) else 'plain LoRA'} adapters but the file stores a "
+                 f"{'DoRA' if ls.m is not None else 'plain LoRA'} adapter for it; load it into a fresh copy of the base model")
+        if ls.m is not None:
+            if ls.kind != "linear" or (not isinstance(module, LoRALayer) and lora_wrapper(module) is not LoRALinear
+                                       and not is_transposed_linear(module)):
+                fail(f"{path!r} is a {type(module).__name__}; DoRA adapters are supported on linear layers only")
+            if ls.m.ndim != 1 or ls.m.shape[0] != n_out or not ls.m.is_floating_point() or not torch.isfinite(ls.m).all():
+                fail(f"{path!r}: DoRA magnitude m must be a finite float vector of shape ({n_out},), got {ls.m.dtype} "
+                     f"{tuple(ls.m.shape)}; the adapter is damaged or from another model")
+            if ls.m.dtype != target and not cast:
+                fail(f"{path}.m is {_dtype_name(ls.m.dtype)} but the model's adapter dtype is {_dtype_name(target)}; pass cast=True")
         plan.append((path, module, ls))
 
     declared = list(state.trainable_modules)
@@ -209,7 +225,10 @@ def apply_adapter_state(model: nn.Module, state: AdapterState, cast: bool = Fals
     freeze(model)
     for path, module, ls in plan:
         cfg = ls.config
-        if not isinstance(module, LoRALayer):
+        if not isinstance(module, LoRALayer) and ls.m is not None:
+            module = DoRALinear(module, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, name, fan_in_fan_out=is_transposed_linear(module))
+            set_submodule(model, path, module)
+        elif not isinstance(module, LoRALayer):
             module = wrap(module, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, name)
             set_submodule(model, path, module)
         elif name not in module.adapters:
@@ -218,6 +237,8 @@ def apply_adapter_state(model: nn.Module, state: AdapterState, cast: bool = Fals
         with torch.no_grad():
             A.copy_(ls.A)
             B.copy_(ls.B)
+            if ls.m is not None:
+                module.lora_magnitude[name].copy_(ls.m)
     set_adapter(model, name)
     for p, t in extra_plan:
         with torch.no_grad():
