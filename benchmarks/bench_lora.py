@@ -2,6 +2,7 @@
 """LoRA training and inference speed: lora_edu vs PEFT vs the frozen-model floor, in one process.
 
     python benchmarks/bench_lora.py                  # GPT-2-small shape, CUDA (bf16 autocast, fused AdamW)
+    python benchmarks/bench_lora.py --quick          # floor / PEFT / lora_edu fused / plain: eager, CUDA graph, compiled
     python benchmarks/bench_lora.py --size cpu       # a smaller decoder that finishes in minutes on a CPU
     python benchmarks/bench_lora.py --size tiny      # seconds; what tests/test_benchmarks.py runs
 
@@ -10,6 +11,10 @@ Every configuration of issue 6 is built fresh from the same seed, timed for
 CPU), and its peak GPU memory recorded; one table with ratios to the floor (or to
 the base model for inference) and to PEFT's matching configuration is printed
 and written to ``benchmarks/results/<name>.{json,md}``.  See benchmarks/README.md.
+
+lora_edu rows are built with ``lora_edu.add_lora`` and then, unless the row says
+"plain LoRALinear", ``lora_edu.fuse(model, ...)`` (the fused layer, with its defaults
+unless the row names an option).
 """
 from __future__ import annotations
 
@@ -18,8 +23,6 @@ import contextlib
 import datetime as _dt
 import gc
 import json
-import math
-import os
 import platform
 import statistics
 import sys
@@ -36,8 +39,7 @@ if str(ROOT) not in sys.path:
 
 import lora_edu  # noqa: E402
 from lora_edu.atomic import atomic_write_bytes  # noqa: E402  (results are written whole or not at all)
-from lora_edu import fast  # noqa: E402
-from lora_edu.models import GPT, GPTConfig  # noqa: E402
+from lora_edu.lab.models import GPT, GPTConfig  # noqa: E402
 
 try:  # PEFT is optional: its rows are skipped without it
     import peft  # noqa: E402
@@ -76,9 +78,17 @@ def _randomise_B(params, seed: int = 1) -> None:
             p.copy_((torch.randn(p.shape, generator=g) * 0.01).to(p))
 
 
-def setup_lora_edu(model, targets, r):
+# The lora_edu layer as shipped: fuse(model) with its defaults (no weight cache, q/k/v share one input cast).
+FUSED = dict(cache_weights=False, share_input_cast=True)
+PLAIN = None  # no fuse(): the plain LoRALinear, the readable formula
+
+
+def setup_lora_edu(model, targets, r, options=FUSED):
+    """``add_lora``, B randomised, then ``lora_edu.fuse(model, **options)``; ``options=None`` (PLAIN): the plain LoRALinear."""
     lora_edu.add_lora(model, targets=targets, r=r, alpha=2 * r)
     _randomise_B([l.B for _, l in lora_edu.lora_layers(model)])
+    if options is not None:
+        lora_edu.fuse(model, **options)
     return lora_edu.lora_parameters(model)
 
 
@@ -96,43 +106,67 @@ def setup_floor(model):
     return []
 
 
-# name, kind, builder, fast-path options (None: fast path off), PEFT partner
+PLAIN_ROW = "ablation r=8 all: plain LoRALinear (no fuse)"
+# --quick: the rows that answer "how far from the floor, and from PEFT" in eager, CUDA-graph and compiled mode
+QUICK_ROWS = ("frozen floor", "PEFT r=8 all linear", "lora_edu r=8 all linear", PLAIN_ROW)
+# --compile (compiled rows only)
+COMPILE_ROWS = ("frozen floor", "PEFT r=8 all linear", "lora_edu r=8 all linear", "inference: base model",
+                "inference: lora_edu unmerged (r=8 all)", "inference: PEFT unmerged (r=8 all)")
+
+
+def _lora(targets, r, options, merged=False):
+    """A builder: lora_edu at rank r on ``targets``, with ``options`` (see :func:`setup_lora_edu`)."""
+
+    def build(m):
+        params = setup_lora_edu(m, targets, r, options)
+        if merged:
+            lora_edu.merge_lora(m)
+            return []
+        return params
+
+    return build
+
+
 def configurations(has_peft: bool, ablations: bool):
+    """(name, kind, builder, fuse options, PEFT partner); fuse options None: plain LoRALinear, else fuse(model, **options)."""
+    peft8 = "PEFT r=8 all linear"
+    peft_unmerged = "inference: PEFT unmerged (r=8 all)"
+    cached, unshared = dict(FUSED, cache_weights=True), dict(FUSED, share_input_cast=False)
+    neither = dict(cache_weights=True, share_input_cast=False)
     T = []
-    T.append(("full fine-tuning", "train", lambda m: list(m.parameters()), {}, None))
-    T.append(("frozen floor", "train", setup_floor, {}, None))
+    T.append(("full fine-tuning", "train", lambda m: list(m.parameters()), None, None))
+    T.append(("frozen floor", "train", setup_floor, None, None))
     if has_peft:
-        T.append(("PEFT r=8 q,v", "train", lambda m: setup_peft(m, QV, 8)[1], {}, None))
-        T.append(("PEFT r=8 all linear", "train", lambda m: setup_peft(m, ALL_LINEAR, 8)[1], {}, None))
-        T.append(("PEFT r=64 all linear", "train", lambda m: setup_peft(m, ALL_LINEAR, 64)[1], {}, None))
-    T.append(("lora_edu r=8 q,v", "train", lambda m: setup_lora_edu(m, QV, 8), {}, "PEFT r=8 q,v"))
-    T.append(("lora_edu r=8 all linear", "train", lambda m: setup_lora_edu(m, ALL_LINEAR, 8), {}, "PEFT r=8 all linear"))
-    T.append(("lora_edu r=64 all linear", "train", lambda m: setup_lora_edu(m, ALL_LINEAR, 64), {}, "PEFT r=64 all linear"))
+        T.append(("PEFT r=8 q,v", "train", lambda m: setup_peft(m, QV, 8)[1], None, None))
+        T.append((peft8, "train", lambda m: setup_peft(m, ALL_LINEAR, 8)[1], None, None))
+        T.append(("PEFT r=64 all linear", "train", lambda m: setup_peft(m, ALL_LINEAR, 64)[1], None, None))
+    T.append(("lora_edu r=8 q,v", "train", _lora(QV, 8, FUSED), FUSED, "PEFT r=8 q,v"))
+    T.append(("lora_edu r=8 all linear", "train", _lora(ALL_LINEAR, 8, FUSED), FUSED, peft8))
+    T.append(("lora_edu r=64 all linear", "train", _lora(ALL_LINEAR, 64, FUSED), FUSED, "PEFT r=64 all linear"))
     if ablations:
-        lo = lambda m: setup_lora_edu(m, ALL_LINEAR, 8)  # noqa: E731
-        T.append(("ablation r=8 all: general path (fast off)", "train", lo, None, "PEFT r=8 all linear"))
-        T.append(("ablation r=8 all: fast, no weight cache", "train", lo, dict(weight_cache=False), "PEFT r=8 all linear"))
-        T.append(("ablation r=8 all: fast, no shared input cast", "train", lo, dict(share_input_cast=False), "PEFT r=8 all linear"))
-        T.append(("ablation r=8 all: fast, base GEMM first", "train", lo, dict(lora_first=False), "PEFT r=8 all linear"))
-    T.append(("inference: base model", "infer", lambda m: [], {}, None))
-    T.append(("inference: lora_edu unmerged (r=8 all)", "infer", lambda m: setup_lora_edu(m, ALL_LINEAR, 8), {}, "inference: PEFT unmerged (r=8 all)"))
-
-    def lora_merged(m):
-        setup_lora_edu(m, ALL_LINEAR, 8)
-        lora_edu.merge_lora(m)
-        return []
-
-    T.append(("inference: lora_edu merged", "infer", lora_merged, {}, "inference: PEFT merged"))
+        T.append((PLAIN_ROW, "train", _lora(ALL_LINEAR, 8, PLAIN), PLAIN, peft8))
+        T.append(("ablation r=8 all: fused, cache_weights=True", "train", _lora(ALL_LINEAR, 8, cached), cached, peft8))
+        T.append(("ablation r=8 all: fused, share_input_cast=False", "train", _lora(ALL_LINEAR, 8, unshared), unshared, peft8))
+        T.append(("ablation r=8 all: fused, cache_weights=True, share_input_cast=False", "train",
+                  _lora(ALL_LINEAR, 8, neither), neither, peft8))
+    T.append(("inference: base model", "infer", lambda m: [], None, None))
+    T.append(("inference: lora_edu unmerged (r=8 all)", "infer", _lora(ALL_LINEAR, 8, FUSED), FUSED, peft_unmerged))
+    T.append(("inference: lora_edu merged", "infer", _lora(ALL_LINEAR, 8, FUSED, merged=True), FUSED, "inference: PEFT merged"))
     if ablations:
-        T.append(("ablation inference: lora_edu unmerged, fast off", "infer", lambda m: setup_lora_edu(m, ALL_LINEAR, 8), None, "inference: PEFT unmerged (r=8 all)"))
+        T.append(("ablation inference: lora_edu unmerged, plain LoRALinear (no fuse)", "infer",
+                  _lora(ALL_LINEAR, 8, PLAIN), PLAIN, peft_unmerged))
+        T.append(("ablation inference: lora_edu unmerged, fused, cache_weights=True", "infer",
+                  _lora(ALL_LINEAR, 8, cached), cached, peft_unmerged))
+        T.append(("ablation inference: lora_edu merged, fused, cache_weights=True", "infer",
+                  _lora(ALL_LINEAR, 8, cached, merged=True), cached, "inference: PEFT merged"))
     if has_peft:
-        T.append(("inference: PEFT unmerged (r=8 all)", "infer", lambda m: setup_peft(m, ALL_LINEAR, 8)[1], {}, None))
+        T.append((peft_unmerged, "infer", lambda m: setup_peft(m, ALL_LINEAR, 8)[1], None, None))
 
         def peft_merged(m):
             pm, _ = setup_peft(m, ALL_LINEAR, 8)
             return pm.merge_and_unload()
 
-        T.append(("inference: PEFT merged", "infer", peft_merged, {}, None))
+        T.append(("inference: PEFT merged", "infer", peft_merged, None, None))
     return T
 
 
@@ -163,17 +197,22 @@ def autocast_ctx(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def run_one(name, kind, builder, options, size, device, precision, steps, warmup, data, graphs=False, compile_=False):
-    """Build the configuration fresh, time it; ``graphs``: capture the whole step in a CUDA graph and time replays."""
+def _prepare(builder, size, device) -> tuple[nn.Module, list]:
+    """A fresh model with the configuration applied (lora_edu rows: add_lora, then fuse unless plain): (model, params)."""
     model = build_model(size, device)
     out = builder(model)
     if isinstance(out, nn.Module):  # PEFT merge_and_unload returns the plain model
-        model, params = out, []
-    else:
-        params = out
+        return out, []
+    return model, out
+
+
+def _measure(kind, builder, size, device, precision, steps, warmup, data, graphs, compile_) -> dict:
+    """Everything of one configuration lives in this frame, so that it is all freed when it returns."""
+    model, params = _prepare(builder, size, device)
     idx, tgt = data
-    fast_ctx = fast.use_fast_path(False) if options is None else fast.use_fast_path(True, **options)
     opt = None
+    if compile_:
+        torch._dynamo.reset()  # a fresh model each row: never hit the recompile limit (and silently fall back to eager)
     fwd = torch.compile(model) if compile_ else model
     if kind == "train":
         model.train()
@@ -207,45 +246,59 @@ def run_one(name, kind, builder, options, size, device, precision, steps, warmup
         gc.collect()
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    with fast_ctx:
-        if graphs:  # PyTorch's whole-network capture recipe: warm up on a side stream, grads None before capture
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(3):
-                    fn()
-            torch.cuda.current_stream().wait_stream(s)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                body()
-            times = timed(graph.replay, steps, warmup, device)
-            del graph
-        else:
-            times = timed(fn, steps, warmup, device)
+    if graphs:  # PyTorch's whole-network capture recipe: warm up on a side stream, grads None before capture
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            body()
+        times = timed(graph.replay, steps, warmup, device)
+    else:
+        times = timed(fn, steps, max(warmup, 2) if compile_ else warmup, device)  # compiling happens in warm-up
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if (device.type == "cuda" and not graphs) else None
-    del model, opt, params, out, fn, body, fwd
+    return dict(ms=statistics.median(times), ms_min=min(times), ms_all=times, peak_gib=peak, trainable=n_trainable)
+
+
+def run_one(name, kind, builder, options, size, device, precision, steps, warmup, data, graphs=False, compile_=False):
+    """Build the configuration fresh and time it.
+
+    ``graphs``: capture the whole step in a CUDA graph and time its replays; ``compile_``: the
+    model under ``torch.compile`` (default mode).  ``options``: None runs the plain LoRALinear,
+    a dict runs ``lora_edu.fuse(model, **options)``.
+    """
+    r = _measure(kind, builder, size, device, precision, steps, warmup, data, graphs, compile_)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return dict(
-        name=name, kind=kind, ms=statistics.median(times), ms_min=min(times), ms_all=times,
-        peak_gib=peak, trainable=n_trainable, fast_path=options is not None,
-    )
+    return dict(name=name, kind=kind, **r, fused=options)
 
 
 # ----------------------------------------------------------------------------- check + profile
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
 def equivalence_check(size, device, precision, data) -> dict:
-    """Same weights, same A and B: lora_edu's fast path, its general path and PEFT give the same logits."""
+    """Same weights, same A and B: the fused layer, the plain LoRALinear and PEFT give the same logits.
+
+    (Keys keep the names of earlier results: "fast" is the fused layer, "general" the plain one.)
+    """
     idx = data[0][:2]
     m1 = build_model(size, device)
-    setup_lora_edu(m1, ALL_LINEAR, 8)
+    setup_lora_edu(m1, ALL_LINEAR, 8, PLAIN)
     res = {}
     with torch.no_grad(), autocast_ctx(device, precision):
-        y_fast = m1(idx).float()
-        with fast.use_fast_path(False):
-            y_gen = m1(idx).float()
-    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
-    res["fast_vs_general_rel"] = rel(y_fast, y_gen)
+        y_plain = m1(idx).float()
+        lora_edu.fuse(m1)
+        y_fused = m1(idx).float()
+        lora_edu.fuse(m1, cache_weights=True)
+        y_cached = m1(idx).float()
+    res["fast_vs_general_rel"] = _rel(y_fused, y_plain)
+    res["fast_cache_weights_vs_general_rel"] = _rel(y_cached, y_plain)
     if peft is not None:
         m2 = build_model(size, device)
         setup_peft(m2, ALL_LINEAR, 8)
@@ -261,50 +314,52 @@ def equivalence_check(size, device, precision, data) -> dict:
                     p.copy_(sd[k])
             with autocast_ctx(device, precision):
                 y_peft = m2(idx).float()
-        res["fast_vs_peft_rel"] = rel(y_fast, y_peft)
+        res["fast_vs_peft_rel"] = _rel(y_fused, y_peft)
         del m2
     del m1
     gc.collect()
     return res
 
 
-def profile_pair(size, device, precision, data, out_dir: Path) -> str:
-    """Per-kernel CUDA time of one training step: frozen floor vs lora_edu r=8 all linear."""
+def _kernel_times(builder, size, device, precision, data, n: int = 3) -> dict:
+    """{kernel: (CUDA ms per step, calls per step)} of one training step."""
     from torch.profiler import ProfilerActivity, profile
 
-    tables = {}
-    for label, builder in (("floor", setup_floor), ("lora_r8_all", lambda m: setup_lora_edu(m, ALL_LINEAR, 8))):
-        model = build_model(size, device)
-        params = builder(model)
-        opt = torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None
-        idx, tgt = data
+    model, params = _prepare(builder, size, device)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None
+    idx, tgt = data
 
-        def fn():
-            with autocast_ctx(device, precision):
-                logits = model(idx)
-                loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), tgt.view(-1))
-            loss.backward()
-            if opt is not None:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+    def fn():
+        with autocast_ctx(device, precision):
+            logits = model(idx)
+            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), tgt.view(-1))
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
-        for _ in range(3):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
             fn()
         torch.cuda.synchronize()
-        n = 3
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(n):
-                fn()
-            torch.cuda.synchronize()
-        k = {}
-        for e in prof.key_averages():
-            t = getattr(e, "device_time_total", None)
-            if t is None:
-                t = e.cuda_time_total
-            if t > 0:
-                k[e.key] = (k.get(e.key, (0, 0))[0] + t / n / 1e3, k.get(e.key, (0, 0))[1] + e.count // n)
-        tables[label] = k
-        del model, opt, params
+    k = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None)
+        if t is None:
+            t = e.cuda_time_total
+        if t > 0:
+            k[e.key] = (k.get(e.key, (0, 0))[0] + t / n / 1e3, k.get(e.key, (0, 0))[1] + e.count // n)
+    return k
+
+
+def profile_pair(size, device, precision, data, out_dir: Path) -> str:
+    """Per-kernel CUDA time of one training step: frozen floor vs lora_edu r=8 all linear (fused)."""
+    tables = {}
+    for label, builder in (("floor", setup_floor), ("lora_r8_all", _lora(ALL_LINEAR, 8, FUSED))):
+        tables[label] = _kernel_times(builder, size, device, precision, data)
         gc.collect()
         torch.cuda.empty_cache()
     lines = ["| kernel | floor ms/step | lora ms/step | Δ ms | calls floor → lora |", "|---|---|---|---|---|"]
@@ -326,6 +381,9 @@ def profile_pair(size, device, precision, data, out_dir: Path) -> str:
 
 
 # ----------------------------------------------------------------------------- report
+MODES = (("", "eager"), ("_graph", "CUDA graph"), ("_compile", "torch.compile"))
+
+
 def add_ratios(rows: list[dict], partners: dict) -> None:
     by = {r["name"]: r for r in rows}
     floor = by.get("frozen floor")
@@ -333,14 +391,14 @@ def add_ratios(rows: list[dict], partners: dict) -> None:
     for r in rows:
         ref = floor if r["kind"] == "train" else base
         p = by.get(partners.get(r["name"]) or "")
-        for suffix in ("", "_graph"):
+        for suffix, _ in MODES:
             ms = r.get("ms" + suffix)
             ok = ms is not None
             r["ratio_ref" + suffix] = ms / ref["ms" + suffix] if (ok and ref and ref.get("ms" + suffix)) else None
             r["ratio_peft" + suffix] = ms / p["ms" + suffix] if (ok and p and p.get("ms" + suffix)) else None
-        r["mem_ratio_floor"] = (
-            r["peak_gib"] / floor["peak_gib"] if (r["kind"] == "train" and floor and r["peak_gib"] and floor["peak_gib"]) else None
-        )
+        for suffix in ("", "_compile"):
+            peak, fpeak = r.get("peak_gib" + suffix), floor and floor.get("peak_gib" + suffix)
+            r["mem_ratio_floor" + suffix] = peak / fpeak if (r["kind"] == "train" and peak and fpeak) else None
 
 
 def goals(rows: list[dict]) -> list[tuple[str, float | None, str, bool | None]]:
@@ -353,7 +411,7 @@ def goals(rows: list[dict]) -> list[tuple[str, float | None, str, bool | None]]:
     lo = by.get("lora_edu r=8 all linear")
     un = by.get("inference: lora_edu unmerged (r=8 all)")
     me = by.get("inference: lora_edu merged")
-    for suffix, mode in (("", "eager"), ("_graph", "CUDA graph")):
+    for suffix, mode in MODES:
         if lo and lo.get("ms" + suffix) is not None:
             add(f"r=8 all-linear step / floor ({mode})", lo["ratio_ref" + suffix], "≤ 1.15", lambda v: v <= 1.15)
             add(f"r=8 all-linear step / PEFT ({mode})", lo["ratio_peft" + suffix], "≤ 0.75", lambda v: v <= 0.75)
@@ -361,8 +419,9 @@ def goals(rows: list[dict]) -> list[tuple[str, float | None, str, bool | None]]:
             add(f"unmerged inference / base ({mode})", un["ratio_ref" + suffix], "≤ 1.30", lambda v: v <= 1.30)
         if me and me.get("ms" + suffix) is not None:
             add(f"merged inference / base ({mode})", me["ratio_ref" + suffix], "within 3 % (or faster)", lambda v: v <= 1.03)
-    if lo and lo["mem_ratio_floor"] is not None:
-        add("r=8 all-linear peak memory / floor", lo["mem_ratio_floor"], "≤ 1.10", lambda v: v <= 1.10)
+    for suffix, mode in (("", "eager"), ("_compile", "torch.compile")):
+        if lo and lo.get("mem_ratio_floor" + suffix) is not None:
+            add(f"r=8 all-linear peak memory / floor ({mode})", lo["mem_ratio_floor" + suffix], "≤ 1.10", lambda v: v <= 1.10)
     return g
 
 
@@ -370,8 +429,15 @@ def _f(v, fmt):
     return "–" if v is None else format(v, fmt)
 
 
+def _describe(options) -> str:
+    if options is None:
+        return "plain"
+    return "fuse(" + ", ".join(f"{k}={v}" for k, v in options.items()) + ")"
+
+
 def render(meta: dict, rows: list[dict], goal_rows, check: dict) -> str:
-    out = [f"# LoRA benchmark: {meta['size_name']} on {meta['device_name']}" + (" (torch.compile)" if meta.get("compiled") else ""), ""]
+    title = f"# LoRA benchmark: {meta['size_name']} on {meta['device_name']}"
+    out = [title + (" (torch.compile)" if meta.get("compiled") else ""), ""]
     out.append(
         f"{meta['date']} · torch {meta['torch']} · peft {meta['peft'] or 'not installed'} · "
         f"{meta['precision']} · batch {meta['batch']}×{meta['seq']} tokens · median of {meta['steps']} steps "
@@ -381,25 +447,37 @@ def render(meta: dict, rows: list[dict], goal_rows, check: dict) -> str:
     out.append(f"Model: {meta['model']}")
     out.append("")
     graphs = any(r.get("ms_graph") is not None for r in rows)
+    compiled = any(r.get("ms_compile") is not None for r in rows)
     head = "| configuration | step (ms) | peak memory (GiB) | × floor / base | × PEFT | memory × floor |"
     sep = "|---|---|---|---|---|---|"
     if graphs:
         head += " CUDA graph (ms) | graph × floor / base | graph × PEFT |"
         sep += "---|---|---|"
-    out += [head + " trainable params |", sep + "---|"]
+    if compiled:
+        head += " compiled (ms) | compiled × floor / base | compiled × PEFT | compiled peak (GiB) |"
+        sep += "---|---|---|---|"
+    out += [head + " trainable params | lora_edu layer |", sep + "---|---|"]
     for r in rows:
         line = (
             f"| {r['name']} | {r['ms']:.2f} | {_f(r['peak_gib'], '.2f')} | {_f(r['ratio_ref'], '.3f')} | "
             f"{_f(r['ratio_peft'], '.3f')} | {_f(r['mem_ratio_floor'], '.3f')} |"
         )
         if graphs:
-            line += f" {_f(r.get('ms_graph'), '.2f')} | {_f(r.get('ratio_ref_graph'), '.3f')} | {_f(r.get('ratio_peft_graph'), '.3f')} |"
-        out.append(line + f" {r['trainable']:,} |")
+            line += (f" {_f(r.get('ms_graph'), '.2f')} | {_f(r.get('ratio_ref_graph'), '.3f')} |"
+                     f" {_f(r.get('ratio_peft_graph'), '.3f')} |")
+        if compiled:
+            line += (f" {_f(r.get('ms_compile'), '.2f')} | {_f(r.get('ratio_ref_compile'), '.3f')} |"
+                     f" {_f(r.get('ratio_peft_compile'), '.3f')} | {_f(r.get('peak_gib_compile'), '.2f')} |")
+        layer = _describe(r.get("fused")) if r["name"].startswith(("lora_edu", "ablation", "inference: lora_edu")) else "–"
+        out.append(line + f" {r['trainable']:,} | {layer} |")
     out.append("")
     out.append(
         "Training rows are ratioed to the frozen floor, inference rows to the base model. "
-        "'step' is eager PyTorch (Python dispatch and kernel launches included); "
-        "'CUDA graph' replays the same step captured in one graph (launch overhead removed: GPU time)."
+        "'step' is eager PyTorch (Python dispatch and kernel launches included)"
+        + ("; 'CUDA graph' replays the same step captured in one graph (launch overhead removed: GPU time)" if graphs else "")
+        + ("; 'compiled' is the whole model under torch.compile (default mode), where the fused layer runs the "
+           "plain formula and the compiler fuses it." if compiled else ".")
+        + " 'lora_edu layer': plain = LoRALinear as constructed, fuse(...) = lora_edu.fuse(model, ...)."
     )
     out.append("")
     if goal_rows:
@@ -409,7 +487,9 @@ def render(meta: dict, rows: list[dict], goal_rows, check: dict) -> str:
             out.append(f"| {name} | {_f(v, '.3f')} | {target} | {'–' if ok is None else ('yes' if ok else 'no')} |")
         out.append("")
     if check:
-        out.append("Equivalence check (same weights and adapters, logits, relative Frobenius error): " + ", ".join(f"{k} = {v:.2e}" for k, v in check.items()))
+        values = ", ".join(f"{k} = {v:.2e}" for k, v in check.items())
+        out.append("Equivalence check (same weights and adapters, logits, relative Frobenius error; fast = fused, "
+                   "general = plain LoRALinear): " + values)
         out.append("")
     return "\n".join(out)
 
@@ -422,14 +502,21 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--no-peft", action="store_true", help="skip PEFT rows even if peft is installed")
-    ap.add_argument("--no-ablations", action="store_true", help="skip the fast-path ablation rows")
+    ap.add_argument("--no-ablations", action="store_true", help="skip the ablation rows (plain LoRALinear, fuse() options)")
     ap.add_argument("--no-graphs", action="store_true", help="CUDA: skip the CUDA-graph replay timings")
     ap.add_argument("--compile", action="store_true", help="only the key rows, each model under torch.compile (default mode)")
+    ap.add_argument("--with-compile", action="store_true",
+                    help="add a torch.compile pass (a 'compiled' column, with its peak memory) to every row")
+    ap.add_argument("--quick", action="store_true",
+                    help="floor, PEFT r=8 all linear, lora_edu r=8 all linear fused and plain: eager, CUDA graph "
+                         "and torch.compile columns (a few minutes on one GPU); results stem gets '_quick'")
     ap.add_argument("--profile", action="store_true", help="CUDA only: per-kernel time of floor vs lora_edu r=8 all linear")
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--name", default=None, help="file stem of the results (default: gpu_<card> or cpu)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
+    if args.quick and args.compile:
+        ap.error("--quick already has a torch.compile column; --compile is the compiled-only table")
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     size_name = args.size or ("gpt2" if device.type == "cuda" else "cpu")
@@ -457,10 +544,11 @@ def main(argv=None) -> dict:
         python=platform.python_version(), size_name=size_name, precision=precision,
         batch=size["batch"], seq=size["seq"], steps=steps, warmup=warmup,
         timer="CUDA events" if device.type == "cuda" else "wall clock", compiled=bool(args.compile),
+        with_compile=bool(args.with_compile or args.quick), quick=bool(args.quick),
         model=(
             f"GPT decoder, {size['n_layer']} layers, d_model {size['d_model']}, {size['n_head']} heads, "
             f"MLP {size['d_model']}→{size['d_ff']}→{size['d_model']}, vocabulary {size['vocab_size']:,}, biases, "
-            f"{sum(p.numel() for p in probe.parameters()) / 1e6:.1f} M parameters (lora_edu.models.GPT), "
+            f"{sum(p.numel() for p in probe.parameters()) / 1e6:.1f} M parameters (lora_edu.lab.models.GPT), "
             "fp32 weights, AdamW" + (" (fused)" if device.type == "cuda" else "")
         ),
     )
@@ -472,12 +560,13 @@ def main(argv=None) -> dict:
 
     rows, partners = [], {}
     graphs = device.type == "cuda" and not args.no_graphs
-    configs = configurations(has_peft, not args.no_ablations)
+    with_compile = args.with_compile or args.quick
+    configs = configurations(has_peft, not args.no_ablations or args.quick)
+    if args.quick:
+        configs = [c for c in configs if c[0] in QUICK_ROWS]
     if args.compile:
-        keep = ("frozen floor", "PEFT r=8 all linear", "lora_edu r=8 all linear", "inference: base model",
-                "inference: lora_edu unmerged (r=8 all)", "inference: PEFT unmerged (r=8 all)")
-        configs = [c for c in configs if c[0] in keep]
-        graphs = False
+        configs = [c for c in configs if c[0] in COMPILE_ROWS]
+        graphs = with_compile = False
     for name, kind, builder, options, partner in configs:  # eager pass: times and clean peak memory
         r = run_one(name, kind, builder, options, size, device, precision, steps, warmup, data, compile_=args.compile)
         partners[name] = partner
@@ -488,6 +577,11 @@ def main(argv=None) -> dict:
             rg = run_one(name, kind, builder, options, size, device, precision, steps, warmup, data, graphs=True)
             r["ms_graph"], r["ms_graph_all"] = rg["ms"], rg["ms_all"]
             print(f"  {name:<50} {r['ms_graph']:9.2f} ms  (CUDA graph)", flush=True)
+    if with_compile:  # third pass: each configuration built fresh and compiled (compilation happens in the warm-up)
+        for r, (name, kind, builder, options, partner) in zip(rows, configs):
+            rc = run_one(name, kind, builder, options, size, device, precision, steps, warmup, data, compile_=True)
+            r["ms_compile"], r["ms_compile_all"], r["peak_gib_compile"] = rc["ms"], rc["ms_all"], rc["peak_gib"]
+            print(f"  {name:<50} {r['ms_compile']:9.2f} ms  (torch.compile)", flush=True)
     add_ratios(rows, partners)
     goal_rows = goals(rows) if device.type == "cuda" else [gr for gr in goals(rows) if "memory" not in gr[0]]
     text = render(meta, rows, goal_rows, check)
@@ -498,10 +592,12 @@ def main(argv=None) -> dict:
         text += "\n## Where the time goes: CUDA kernels per training step, floor vs lora_edu r=8 all linear\n\n" + prof + "\n"
     print()
     print(text)
-    result = dict(meta=meta, rows=rows, goals=[dict(goal=a, measured=b, target=c, met=d) for a, b, c, d in goal_rows], check=check)
+    goal_dicts = [dict(goal=a, measured=b, target=c, met=d) for a, b, c, d in goal_rows]
+    result = dict(meta=meta, rows=rows, goals=goal_dicts, check=check)
     if not args.no_write:
         out_dir.mkdir(parents=True, exist_ok=True)
-        stem = args.name or ("cpu" if device.type == "cpu" else "gpu_" + device_name.lower().replace("nvidia", "").strip().split()[0])
+        card = device_name.lower().replace("nvidia", "").strip().split()[0]
+        stem = args.name or (("cpu" if device.type == "cpu" else "gpu_" + card) + ("_quick" if args.quick else ""))
         atomic_write_bytes((out_dir / f"{stem}.json"), (json.dumps(result, indent=1)).encode())
         atomic_write_bytes((out_dir / f"{stem}.md"), (text + "\n").encode())
         print(f"# wrote {out_dir / stem}.json and .md")

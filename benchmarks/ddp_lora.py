@@ -88,7 +88,7 @@ def run_mode(mode, size, device, steps, warmup, rank, world):
         max_grad_diff_across_ranks=diff, tokens_per_step=size["batch"] * size["seq"] * world,
         peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     )
-    del ddp, model, opt
+    ddp = model = opt = None  # free before the next mode (rebinding, not del: the closure above still names them)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -110,7 +110,8 @@ def report(in_dir: Path, md: Path | None) -> str:
         "",
         f"Model: {meta['model']}",
         "",
-        "| mode | GPUs | step (ms) | tokens/s | scaling vs 1 GPU | bytes all-reduced per step | = trainable grad bytes | max grad diff across ranks |",
+        "| mode | GPUs | step (ms) | tokens/s | scaling vs 1 GPU | bytes all-reduced per step | = trainable grad bytes "
+        "| max grad diff across ranks |",
         "|---|---|---|---|---|---|---|---|",
     ]
     one = {}
@@ -120,14 +121,16 @@ def report(in_dir: Path, md: Path | None) -> str:
         if r["world"] == 1:
             one[r["mode"]] = tps
         scale = tps / one[r["mode"]] if r["mode"] in one else None
+        nbytes = r["bytes_per_step"]
         lines.append(
             f"| {'LoRA r=8 all linear' if r['mode'] == 'lora' else 'full fine-tuning'} | {r['world']} | {r['ms']:.2f} | "
-            f"{tps:,.0f} | {'–' if scale is None else f'{scale:.2f}×'} | {r['bytes_per_step']:,} ({r['bytes_per_step'] / 2**20:.1f} MiB) | "
-            f"{'yes' if r['bytes_per_step'] == r['trainable_bytes'] else 'NO'} | {r['max_grad_diff_across_ranks']:.1e} |"
+            f"{tps:,.0f} | {'–' if scale is None else f'{scale:.2f}×'} | {nbytes:,} ({nbytes / 2**20:.1f} MiB) | "
+            f"{'yes' if nbytes == r['trainable_bytes'] else 'NO'} | {r['max_grad_diff_across_ranks']:.1e} |"
         )
     by = {(r["mode"], r["world"]): r for r in rows}
     if ("lora", 2) in by and ("full", 2) in by:
-        lines += ["", f"Full fine-tuning all-reduces {by[('full', 2)]['bytes_per_step'] / by[('lora', 2)]['bytes_per_step']:.0f}× the bytes of LoRA per step."]
+        ratio = by[("full", 2)]["bytes_per_step"] / by[("lora", 2)]["bytes_per_step"]
+        lines += ["", f"Full fine-tuning all-reduces {ratio:.0f}× the bytes of LoRA per step."]
     text = "\n".join(lines) + "\n"
     if md:
         md.parent.mkdir(parents=True, exist_ok=True)
@@ -161,14 +164,17 @@ def main(argv=None):
             date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), torch=torch.__version__,
             device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU", world=world,
             batch=size["batch"], seq=size["seq"], steps=args.steps,
-            model=f"GPT {size['n_layer']} layers, d_model {size['d_model']}, MLP {size['d_ff']}, vocab {size['vocab_size']:,} (benchmarks/bench_lora.py)",
+            model=(f"GPT {size['n_layer']} layers, d_model {size['d_model']}, MLP {size['d_ff']}, "
+                   f"vocab {size['vocab_size']:,} (benchmarks/bench_lora.py)"),
         )
         for r in results:
             print(f"[world {world}] {r['mode']}: {r['ms']:.2f} ms/step, {r['bytes_per_step']:,} B all-reduced "
-                  f"(trainable grads {r['trainable_bytes']:,} B), max grad diff across ranks {r['max_grad_diff_across_ranks']:.1e}", flush=True)
+                  f"(trainable grads {r['trainable_bytes']:,} B), "
+                  f"max grad diff across ranks {r['max_grad_diff_across_ranks']:.1e}", flush=True)
         if args.out_dir:
             Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes((Path(args.out_dir) / f"ddp_world{world}.json"), (json.dumps(dict(meta=meta, results=results), indent=1)).encode())
+            payload = json.dumps(dict(meta=meta, results=results), indent=1).encode()
+            atomic_write_bytes(Path(args.out_dir) / f"ddp_world{world}.json", payload)
     dist.barrier()
     dist.destroy_process_group()
 

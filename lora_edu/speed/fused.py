@@ -56,13 +56,21 @@ class InputCastCache:
     def cast(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if x.dtype == dtype:
             return x
-        grad_mode = torch.is_grad_enabled()
+        if x.is_inference():  # inference tensors have no version counter to key on
+            return x.to(dtype)
+        key = (x._version, dtype, torch.is_grad_enabled(), x.requires_grad)
         slot = self.slot
-        if slot is not None and slot[0]() is x and slot[1:4] == (x._version, dtype, grad_mode):
-            return slot[4]
+        if slot is not None and slot[0]() is x and slot[1] == key:
+            return slot[2]
         xc = x.to(dtype)
-        self.slot = (weakref.ref(x, self._drop), x._version, dtype, grad_mode, xc)
+        self.slot = (weakref.ref(x, self._drop), key, xc)
         return xc
+
+    def __getstate__(self) -> dict:  # pickling and deep copies start with an empty cache (a weak reference cannot travel)
+        return {"slot": None}
+
+    def __deepcopy__(self, memo) -> InputCastCache:
+        return InputCastCache()
 
     def _drop(self, ref) -> None:
         if self.slot is not None and self.slot[0] is ref:
@@ -135,6 +143,10 @@ class FusedLoRALinear(LoRALinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.fused_forward(x)
         return super().forward(x) if y is None else y
+
+    def _apply(self, fn, recurse=True):  # .to()/.half() may reuse W's storage and version: drop the cast copy
+        self.weight_cache = None
+        return super()._apply(fn, recurse)
 
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The fused computation, or ``None`` where it would not be the same function as the plain one."""
