@@ -97,13 +97,13 @@ class LoRALinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, W, b, A, B, s: float):
+    def forward(ctx, x, W, b, A, B, s: float, s_tensor: torch.Tensor):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, W.shape[1])  # (…, in) -> (N, in)
         Ac, Bc = A.to(x.dtype), B.to(x.dtype)
         y, u = _forward_2d(x2, W, b, Ac, Bc, s)
-        need_x, _, _, need_A, need_B, _ = ctx.needs_input_grad
-        ctx.s, ctx.lead = s, lead
+        need_x, _, _, need_A, need_B, _, _ = ctx.needs_input_grad
+        ctx.s, ctx.s_tensor, ctx.lead = s, s_tensor, lead
         ctx.save_for_backward(x2 if need_A else None, u if need_B else None, W if need_x else None,
                               Ac if need_x else None, Bc if (need_x or need_A) else None)
         return y.view(*lead, W.shape[0])  # (N, out) -> (…, out)
@@ -111,19 +111,19 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x2, u, W, Ac, Bc = ctx.saved_tensors
-        need_x, _, _, need_A, need_B, _ = ctx.needs_input_grad
-        s = ctx.s
+        need_x, _, _, need_A, need_B, _, _ = ctx.needs_input_grad
+        s, st = ctx.s, ctx.s_tensor  # st: s as a 1-element tensor in A's master precision, so `mm * st` scales and upcasts in one kernel
         g = gy.reshape(-1, gy.shape[-1])  # (…, out) -> (N, out)
         gx = gA = gB = None
         if need_B:
-            gB = torch.mm(g.t(), u).float().mul_(s) if u.dtype != torch.float64 else torch.mm(g.t(), u).mul_(s)
+            gB = torch.mm(g.t(), u) * st  # (out, N) @ (N, r) -> (out, r)
         if need_x or need_A:
             v = torch.mm(g, Bc)  # (N, out) @ (out, r) -> (N, r)
             if need_A:
-                gA = torch.mm(v.t(), x2).float().mul_(s) if v.dtype != torch.float64 else torch.mm(v.t(), x2).mul_(s)
+                gA = torch.mm(v.t(), x2) * st  # (r, N) @ (N, in) -> (r, in)
             if need_x:
                 gx = torch.mm(v, Ac).addmm_(g, W, beta=s).view(*ctx.lead, W.shape[1])  # s·v A + g W
-        return gx, None, None, gA, gB, None
+        return gx, None, None, gA, gB, None, None
 
 
 class FusedLoRALinear(LoRALinear):
@@ -139,13 +139,14 @@ class FusedLoRALinear(LoRALinear):
     cache_weights: bool = False
     input_cache: InputCastCache | None = None
     weight_cache: tuple | None = None
+    scale_cache: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.fused_forward(x)
         return super().forward(x) if y is None else y
 
     def _apply(self, fn, recurse=True):  # .to()/.half() may reuse W's storage and version: drop the cast copy
-        self.weight_cache = None
+        self.weight_cache = self.scale_cache = None
         return super()._apply(fn, recurse)
 
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -174,7 +175,7 @@ class FusedLoRALinear(LoRALinear):
         Wc, bc = self.frozen_weights(dtype)
         xc = self.cast_input(x, dtype)
         if torch.is_grad_enabled() and (xc.requires_grad or A.requires_grad or B.requires_grad):
-            return LoRALinearFunction.apply(xc, Wc, bc, A, B, cfg.scale)
+            return LoRALinearFunction.apply(xc, Wc, bc, A, B, cfg.scale, self.scale_tensor(cfg.scale, A))
         with torch.no_grad():
             y, _ = _forward_2d(xc.reshape(-1, W.shape[1]), Wc, bc, A.to(dtype), B.to(dtype), cfg.scale)
         return y.view(*xc.shape[:-1], W.shape[0])
@@ -194,6 +195,14 @@ class FusedLoRALinear(LoRALinear):
                 self.weight_cache = (key, W.detach().to(dtype), None if b is None else b.detach().to(dtype))
         return self.weight_cache[1], self.weight_cache[2]
 
+    def scale_tensor(self, s: float, A: torch.Tensor) -> torch.Tensor:
+        """s as a 1-element tensor (float64 for float64 adapters, else float32) on A's device, kept on the layer."""
+        dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
+        cached = self.scale_cache
+        if cached is None or cached[0] != (s, A.device, dtype):
+            cached = self.scale_cache = ((s, A.device, dtype), torch.full((1,), s, dtype=dtype, device=A.device))
+        return cached[1]
+
     def cast_input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self.input_cache.cast(x, dtype) if self.input_cache is not None else x.to(dtype)
 
@@ -212,6 +221,7 @@ def fuse(model: nn.Module, cache_weights: bool = False, share_input_cast: bool =
             module.cache_weights = cache_weights
             module.input_cache = cache
             module.weight_cache = None
+            module.scale_cache = None
     return model
 
 
@@ -219,7 +229,7 @@ def unfuse(model: nn.Module) -> nn.Module:
     """Back to the plain :class:`LoRALinear` forward; returns the model."""
     for module in model.modules():
         if type(module) is FusedLoRALinear:
-            for attr in ("cache_weights", "input_cache", "weight_cache"):
+            for attr in ("cache_weights", "input_cache", "weight_cache", "scale_cache"):
                 if attr in vars(module):
                     delattr(module, attr)
             module.__class__ = LoRALinear
