@@ -32,6 +32,7 @@ from lora_edu.core.inject import (
 from lora_edu.core.kinds import is_transposed_linear, layer_kind, lora_wrapper, wrap
 from lora_edu.core.layers import LoRALayer, LoRALinear
 from lora_edu.variants.dora import DoRALinear
+from lora_edu.variants.nf4 import NF4Linear
 
 __all__ = ["AdapterFileError", "AdapterState", "LayerState", "adapter_state", "apply_adapter_state", "resolve_adapter", "layer_shape"]
 
@@ -115,6 +116,8 @@ def layer_shape(module: nn.Module) -> tuple[int, int]:
         return base.num_embeddings, base.embedding_dim
     if isinstance(module, LoRALayer):
         return module.in_features, module.out_features
+    if isinstance(module, NF4Linear):  # a 4-bit base has no float weight (lora_edu.variants.qlora)
+        return module.in_features, module.out_features
     d0, d1 = module.weight.shape
     return (d0, d1) if is_transposed_linear(module) else (d1, d0)  # Conv1D stores (in, out), nn.Linear (out, in)
 
@@ -171,7 +174,7 @@ def apply_adapter_state(model: nn.Module, state: AdapterState, cast: bool = Fals
                      f"silently change); delete_adapter(model, {name!r}) first or load under another name")
             target = module.lora_A[name].dtype
         else:
-            target = adapter_dtype(module.weight.dtype)
+            target = adapter_dtype(module.weight_dtype if isinstance(module, NF4Linear) else module.weight.dtype)
         for t, what in ((A, "A"), (B, "B")):
             if not t.is_floating_point():
                 fail(f"{path}.{what} has dtype {t.dtype}; LoRA factors must be floating point")

@@ -152,7 +152,8 @@ def add_qlora(model: nn.Module, targets: str | Sequence[str], r: int, alpha: flo
 def merge_error(layer: QLoRALinear, name: str | None = None) -> MergeError:
     """What "dequantise, add ΔW, re-quantise" would cost for this layer's adapter, measured in float64
     against keeping the adapter separate (:func:`lora_edu.variants.nf4.requantize_merge_error`)."""
-    return requantize_merge_error(layer.base.quantized(), layer.delta_weight(name, dtype=torch.float64))
+    with torch.no_grad():
+        return requantize_merge_error(layer.base.quantized(), layer.delta_weight(name, dtype=torch.float64))
 
 
 def merge_into_dequantized(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
