@@ -47,7 +47,7 @@ case "$cmd" in
     exec "$VENV/bin/lora-edu" tour "$@"
     ;;
   test)
-    setup "${EXTRAS:-test,notebooks,interop}"
+    setup "${EXTRAS:-test,notebooks,interop,classroom}"
     export MPLBACKEND="${MPLBACKEND:-}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
     echo "== library tests"
     run_pytest "library tests" tests -q -n 2 --dist loadfile -p no:cacheprovider
@@ -56,7 +56,7 @@ case "$cmd" in
       --nbval-cell-timeout=300 -p no:python -p no:cacheprovider -n 2 --dist loadscope -q notebooks/
     echo "== exercise solutions (nbval-lax: the asserts and the checker carry the weight)"
     run_pytest "exercises" --nbval-lax --nbval-current-env --nbval-cell-timeout=300 -p no:python \
-      -p no:cacheprovider -q lora_edu/exercises/
+      -p no:cacheprovider -q course/exercises/
     ;;
   *)
     echo "usage: ./dev.sh tour [ARGS...] | ./dev.sh test" >&2

@@ -76,7 +76,7 @@ def test_blank_stub_fails_without_crashing(name):
     ns = _run_student_copy(name)
     r = check(name, EXERCISES[name].collect(ns))
     assert not r.passed and r.score < 0.5, str(r)
-    assert "NotImplementedError" in str(r) or "defines no" in str(r) or "not run" in str(r)
+    assert "NotImplementedError" in str(r) or "defines no" in str(r) or "cannot be tested" in str(r)
 
 
 def test_student_copy_has_stubs_and_no_solutions():
@@ -265,9 +265,9 @@ MISTAKES = [
 @pytest.mark.parametrize("label,make,case_id,needle", MISTAKES, ids=[m[0] for m in MISTAKES])
 def test_lora_linear_mistake_is_named(label, make, case_id, needle):
     r = check("lora_linear", make())
-    assert not r.passed
     c = case_of(r, case_id)
     assert not c.passed, f"{label}: case {case_id} passed\n{r}"
+    assert r.passed == c.optional  # a mistake in the optional case costs nothing; any other fails the check
     assert needle in c.message, f"{label}: {c.message!r}"
     text = str(r)
     assert c.name in text
@@ -369,7 +369,7 @@ def test_time_limit_interrupts_and_cleans_up():
     import signal
     import time
 
-    from lora_edu.grading.sandbox import CaseTimeout, time_limit
+    from lora_edu.grading.timelimit import CaseTimeout, time_limit
 
     t = time.monotonic()
     with pytest.raises(CaseTimeout):

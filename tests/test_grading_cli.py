@@ -1,13 +1,20 @@
-"""`lora-edu exercises` and `lora-edu grade`: student copies, and batch grading in subprocesses."""
+"""`lora-edu exercises` and `lora-edu grade`: student copies, instructor-only sources, batch grading in isolated processes."""
 from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import tomllib
 
 from lora_edu.cli import main
 from lora_edu.grading.notebooks import read_notebook, select, write_notebook
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_exercises_list(capsys):
@@ -20,20 +27,47 @@ def test_exercises_list(capsys):
 def test_make_student_and_copy_solutions(tmp_path):
     assert main(["exercises", "make-student", str(tmp_path / "s")]) == 0
     files = sorted(p.name for p in (tmp_path / "s").glob("*.ipynb"))
-    assert len(files) >= 5
+    assert len(files) == 5
     for f in files:
         nb = read_notebook(tmp_path / "s" / f)
-        assert "BEGIN SOLUTION" not in json.dumps(nb) and nb["metadata"]["lora_edu"]["student_copy"]
+        text = json.dumps(nb)
+        assert "BEGIN SOLUTION" not in text and "HIDDEN TESTS" not in text and "graded(" not in text
+        assert nb["metadata"]["lora_edu"]["student_copy"]
     assert main(["exercises", "make-student", str(tmp_path / "s")]) == 1  # refuses to overwrite
     assert main(["exercises", "make-student", str(tmp_path / "s"), "lora_linear", "--force"]) == 0
     assert main(["exercises", "copy-solutions", str(tmp_path / "sol"), "04"]) == 0
     assert "BEGIN SOLUTION" in (tmp_path / "sol" / "04_param_savings.ipynb").read_text()
+    assert main(["exercises", "copy-solutions", str(tmp_path / "x"), "--source", str(tmp_path / "nothing")]) == 1
 
 
-def _variant(tmp_path, name, edit):
+def test_solutions_are_not_in_the_package():
+    """The wheel carries no notebook, and the package folder holds none: solutions stay in course/exercises/."""
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    data = config["tool"]["setuptools"]["package-data"]["lora_edu"]
+    assert not any("ipynb" in pattern or "exercises" in pattern for pattern in data)
+    assert not list((REPO / "lora_edu").rglob("*.ipynb"))
+    assert len(list((REPO / "course" / "exercises").glob("[0-9][0-9]_*.ipynb"))) == 5
+
+
+def test_copy_solutions_outside_a_checkout_says_where_they_are(tmp_path):
+    """An installed package (here: the package folder alone, without the checkout around it) has no solutions to copy."""
+    import shutil
+
+    shutil.copytree(REPO / "lora_edu", tmp_path / "site" / "lora_edu", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k not in ("LORA_EDU_COURSE_DIR", "PYTHONPATH")}
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from lora_edu.cli import main; "
+            "sys.exit(main(['exercises', 'copy-solutions', sys.argv[2]]))")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "site"), str(tmp_path / "out")], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert "not part of the installed package" in r.stderr and "course/exercises/" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def _variant(folder, name, edit):
     nb = read_notebook(select(["lora_linear"])[0])
     edit(nb)
-    write_notebook(nb, tmp_path / name)
+    write_notebook(nb, folder / name)
 
 
 def _replace(old, new):
@@ -51,12 +85,12 @@ def _replace(old, new):
 
 def _append_cell(code):
     def edit(nb):
-        nb["cells"].insert(2, {"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [], "source": code})
+        nb["cells"].insert(3, {"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [], "source": code})
 
     return edit
 
 
-def test_grade_folder_good_wrong_crashing_endless_malicious(tmp_path):
+def test_grade_folder_good_wrong_crashing_endless_hungry(tmp_path):
     subs = tmp_path / "subs"
     subs.mkdir()
     out = tmp_path / "grades.csv"
@@ -64,24 +98,43 @@ def test_grade_folder_good_wrong_crashing_endless_malicious(tmp_path):
     _variant(subs, "b_wrong.ipynb", _replace("return y + self.scale * (", "return y + self.alpha * ("))  # E2
     _variant(subs, "c_crash.ipynb", _replace("class LoRALinear(nn.Module):", "raise SystemExit(1)\nclass LoRALinear(nn.Module):"))
     _variant(subs, "d_endless.ipynb", _append_cell("while True:\n    pass\n"))
-    # tries to sabotage the others and the grade file, then exits the interpreter
-    evil = (f"import glob, os\nfor p in glob.glob({str(subs)!r} + '/*.ipynb'):\n    open(p, 'w').write('garbage')\n"
-            f"open({str(out)!r}, 'w').write('a_good.ipynb,0\\n')\nos._exit(0)\n")
-    _variant(subs, "e_malicious.ipynb", _append_cell(evil))
+    _variant(subs, "e_hungry.ipynb", _append_cell("blocks = []\nwhile True:\n    blocks.append(bytearray(100 << 20))\n"))
+    _variant(subs, "f_writer.ipynb", _append_cell("with open('big.bin', 'wb') as f:\n    f.write(bytes(200 << 20))\n"))
 
-    code = main(["grade", str(subs), "--out", str(out), "--timeout", "25", "--case-timeout", "2", "--jobs", "5"])
+    code = main(["grade", str(subs), "--out", str(out), "--timeout", "25", "--case-timeout", "2", "--jobs", "2",
+                 "--memory-mb", "2048", "--secret", "t"])
     assert code == 0
-    rows = {r["file"].rsplit("/", 1)[-1]: r for r in csv.DictReader(out.open())}
-    assert set(rows) == {"a_good.ipynb", "b_wrong.ipynb", "c_crash.ipynb", "d_endless.ipynb", "e_malicious.ipynb"}
-    assert float(rows["a_good.ipynb"]["score"]) == 1.0 and rows["a_good.ipynb"]["passed"] == "True"
-    wrong = rows["b_wrong.ipynb"]
+    rows = {r["student"]: r for r in csv.DictReader(out.open())}
+    assert set(rows) == {"a_good", "b_wrong", "c_crash", "d_endless", "e_hungry", "f_writer"}
+    assert rows["a_good"]["percent"] == "100.0" and not rows["a_good"]["flags"]
+    details = {Path(r["file"]).stem: r for r in csv.DictReader((tmp_path / "grades_feedback" / "submissions.csv").open())}
+    wrong = details["b_wrong"]
     assert 0 < float(wrong["score"]) < 1 and "forward = x" in wrong["failed_cases"]
-    crash = rows["c_crash.ipynb"]
-    assert float(crash["score"]) < 0.2 and "SystemExit" in crash["cell_errors"]
-    endless = rows["d_endless.ipynb"]
+    crash = details["c_crash"]
+    assert float(crash["score"]) < 0.2 and "In [2]: SystemExit" in crash["cell_errors"]
+    endless = details["d_endless"]
     assert float(endless["score"]) == 0 and "timed out" in endless["error"]
-    evil_row = rows["e_malicious.ipynb"]
-    assert float(evil_row["score"]) == 0 and evil_row["error"]
+    # the memory limit stops the allocation loop (a MemoryError in that cell); the rest of the notebook is graded
+    assert "MemoryError" in details["e_hungry"]["cell_errors"] and float(details["e_hungry"]["score"]) == 1.0
+    # the file-size limit stops the 200 MB write (the child may die of SIGXFSZ or see the error)
+    assert "File" in details["f_writer"]["cell_errors"] or "signal" in details["f_writer"]["error"] or float(details["f_writer"]["score"]) < 1
+    feedback = (tmp_path / "grades_feedback" / "b_wrong" / "b_wrong.md").read_text()
+    assert "is the scale α/r?" in feedback
+
+
+def test_gradebook_is_written_without_following_links(tmp_path):
+    from lora_edu.grading.report import write_safely
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    link = tmp_path / "grades.csv"
+    link.symlink_to(victim)
+    write_safely(link, b"student,total\n")
+    assert victim.read_text() == "keep" and not link.is_symlink() and link.read_bytes() == b"student,total\n"
+    (tmp_path / "fb").mkdir()
+    (tmp_path / "fb" / "alice").symlink_to(tmp_path)
+    with pytest.raises(OSError, match="symbolic link"):
+        write_safely(tmp_path / "fb" / "alice" / "x.md", b"x", inside=tmp_path / "fb")
 
 
 @pytest.mark.parametrize("argv,code", [(["grade", "/nonexistent/dir", "--out", "x.csv"], 1),
@@ -93,15 +146,25 @@ def test_grade_bad_arguments(argv, code, tmp_path, monkeypatch):
 
 def test_committed_student_handout_is_current(tmp_path):
     """docs/student_handout/ is what `lora-edu exercises make-student` writes today (regenerate it if this fails)."""
-    from pathlib import Path
-
-    from lora_edu import cli
-
-    assert cli.main(["exercises", "make-student", str(tmp_path)]) == 0
-    committed = Path(__file__).resolve().parents[1] / "docs" / "student_handout"
+    assert main(["exercises", "make-student", str(tmp_path)]) == 0
+    committed = REPO / "docs" / "student_handout"
     fresh = sorted(p.name for p in tmp_path.glob("*.ipynb"))
     assert fresh == sorted(p.name for p in committed.glob("*.ipynb"))
     for name in fresh:
         assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), (
             f"{name} is stale: run `lora-edu exercises make-student docs/student_handout --force`"
         )
+
+
+def test_every_handout_says_how_to_work_check_and_submit():
+    for path in sorted((REPO / "docs" / "student_handout").glob("*.ipynb")):
+        nb = read_notebook(path)
+        text = "\n".join("".join(c["source"]) for c in nb["cells"])
+        for needle in ("YOUR CODE HERE", "Self-check", "Restart & Run All", "Submit", path.name):
+            assert needle in text, (path.name, needle)
+        code = [("".join(c["source"])) for c in nb["cells"] if c["cell_type"] == "code"]
+        bare = [line for src in code for line in src.splitlines() if line.strip().startswith("assert ") and "," not in line]
+        assert not bare, f"{path.name}: asserts without a message: {bare}"
+        # only the last check cell may stop Run All: every other check prints ✓ / ✗
+        asserts = [k for k, src in enumerate(code) if "\nassert " in "\n" + src]
+        assert all("# SELF-CHECK" in code[k] for k in asserts), path.name

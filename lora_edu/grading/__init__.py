@@ -1,11 +1,13 @@
 """Classroom exercises with an autograder that explains what went wrong.
 
 ``from lora_edu.grading import check``; ``print(check("lora_linear", LoRALinear))``.
-Exercise notebooks ship in ``lora_edu/exercises/``; ``lora-edu exercises make-student
-DIR`` writes student copies and ``lora-edu grade ...`` grades submitted notebooks,
-each in its own process (see docs/instructors.md).
+The exercise sources (with solutions) are instructor material: they live in
+``course/exercises/`` of a source checkout, not in the installed package.
+``lora-edu exercises make-student DIR`` writes student copies; ``lora-edu grade ...``
+grades submitted notebooks, each in its own process; the sources also carry
+nbgrader's cell metadata (see docs/instructors.md).
 """
-from .checks import EXERCISES, check
+from .checks import EXERCISES, check, graded
 from .result import CaseResult, CheckResult
 
-__all__ = ["EXERCISES", "CaseResult", "CheckResult", "check"]
+__all__ = ["EXERCISES", "CaseResult", "CheckResult", "check", "graded"]

@@ -3,15 +3,26 @@
 An :class:`Exercise` is a list of cases.  A case is a function of the student's
 submission that returns (optionally a note) when the behaviour is right and raises
 :class:`Fail` — with what the code did, what was expected and a hint — when it is
-not.  :func:`run_exercise` runs each case under a time limit, with torch's RNG forked
-(the student's random stream is left untouched), and turns *anything* the student's
-code does — an exception, ``sys.exit()``, an infinite loop — into a failed case.
+not (a ``Fail`` may carry partial ``credit``).  :func:`run_exercise` runs every case,
+each under a time limit, with torch's RNG forked (the student's random stream is left
+untouched), and turns *anything* the student's code does — an exception,
+``sys.exit()``, an infinite loop — into a failed case.  A case is skipped only when
+a case it ``requires`` failed *and* it cannot be judged without it (nothing can be
+tested on a class that cannot be constructed); every other case runs on its own.
+
+Values: every random shape, seed and value a case uses comes from
+:func:`case_random` / the torch seed of its case, both derived from the *variant*
+seed of the run.  Variant 0 is the public self-check; ``lora-edu grade`` and the
+nbgrader grade cells draw the variant from an instructor secret at grade time, so a
+notebook that hard-codes the self-check's answers fails the graded run.
 """
 from __future__ import annotations
 
+import contextvars
 import linecache
 import math
 import os
+import random
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +31,7 @@ from typing import Any
 import torch
 
 from .result import CaseResult, CheckResult
-from .sandbox import CaseTimeout, time_limit
+from .timelimit import CaseTimeout, time_limit
 
 _GRADING_DIR = os.path.dirname(os.path.abspath(__file__))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
@@ -35,11 +46,37 @@ MISSING = _Missing()  # a name the notebook did not define
 
 
 class Fail(Exception):
-    """A case failed: ``got`` (what the student's code did), ``expected``, ``hint``."""
+    """A case failed: ``got`` (what the student's code did), ``expected``, ``hint``.
 
-    def __init__(self, got: str, expected: str = "", hint: str = ""):
+    ``specific=2`` marks a hint that names the exact mistake (shown first to the
+    student); ``credit`` in [0, 1) is the fraction of the points still earned.
+    """
+
+    def __init__(self, got: str, expected: str = "", hint: str = "", specific: int = 1, credit: float = 0.0):
         super().__init__(got)
         self.got, self.expected, self.hint = got, expected, hint
+        self.specific, self.credit = specific, credit
+
+
+class Named(Fail):
+    """A :class:`Fail` whose hint names the exact mistake (``specific=2``)."""
+
+    def __init__(self, got: str, expected: str = "", hint: str = "", credit: float = 0.0):
+        super().__init__(got, expected, hint, specific=2, credit=credit)
+
+
+_VARIANT: contextvars.ContextVar[int] = contextvars.ContextVar("lora_edu_grading_variant", default=0)
+
+
+def case_random(tag: int | str) -> random.Random:
+    """A ``random.Random`` for one fixture of one case, drawn from the run's variant seed."""
+    variant = _VARIANT.get()
+    return random.Random(tag if variant == 0 else f"{variant}:{tag}")
+
+
+def variant_seed() -> int:
+    """The variant of the running check: 0 for the public self-check, else drawn from the grading secret."""
+    return _VARIANT.get()
 
 
 @dataclass
@@ -49,8 +86,9 @@ class Case:
     kind: str
     fn: Callable[[Any], str | None]
     points: float = 1.0
-    requires: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()  # only what the case cannot be judged without
     min_timeout: float | None = None  # cases that train or evaluate a model get at least this long
+    optional: bool = False  # reported, never counted
 
 
 @dataclass
@@ -63,9 +101,17 @@ class Exercise:
     symbols: tuple[str, ...]  # what the notebook must define; one name -> that object, several -> a dict
     cases: list[Case] = field(default_factory=list)
 
-    def case(self, name: str, kind: str, points: float = 1.0, requires: tuple[str, ...] = (), min_timeout: float | None = None):
+    # the names a submission must write itself: not imported or aliased from lora_edu, not subclassing its classes
+    written: tuple[str, ...] = ()
+    # names of lora_edu that answer the exercise: importing them in a notebook is flagged
+    reference_names: tuple[str, ...] = ()
+    # lora_edu modules the provided cells import (everything else from lora_edu.grading is flagged)
+    allowed_grading_imports: tuple[str, ...] = ("lora_edu.grading",)
+
+    def case(self, name: str, kind: str, points: float = 1.0, requires: tuple[str, ...] = (), min_timeout: float | None = None,
+             optional: bool = False):
         def register(fn):
-            self.cases.append(Case(fn.__name__, name, kind, fn, points, tuple(requires), min_timeout))
+            self.cases.append(Case(fn.__name__, name, kind, fn, points, tuple(requires), min_timeout, optional))
             return fn
 
         return register
@@ -78,26 +124,33 @@ class Exercise:
 
 
 def run_exercise(ex: Exercise, submission: Any, timeout: float | None = 10.0, seed: int = 0) -> CheckResult:
-    result = CheckResult(ex.name)
+    """Run every case of ``ex``; ``seed`` is the variant (0: the public self-check)."""
+    result = CheckResult(ex.name, variant="self-check" if seed == 0 else "hidden")
     status: dict[str, bool] = {}
-    for i, case in enumerate(ex.cases):
-        blocked = [r for r in case.requires if not status.get(r, False)]
-        if blocked:
-            first = next(c for c in ex.cases if c.id == blocked[0])
-            status[case.id] = False
-            result.cases.append(CaseResult(case.name, case.kind, case.points, False,
-                                           got=f"not run: it needs “{first.name}” to pass first",
-                                           hint="fix the first failure above, then run the check again"))
-            continue
-        outcome = _run_case(case, submission, timeout, seed * 1000 + i)
-        status[case.id] = outcome.passed
-        result.cases.append(outcome)
+    token = _VARIANT.set(int(seed))
+    try:
+        for i, case in enumerate(ex.cases):
+            blocked = [r for r in case.requires if not status.get(r, False)]
+            if blocked:
+                first = next(c for c in ex.cases if c.id == blocked[0])
+                status[case.id] = False
+                result.cases.append(CaseResult(case.name, case.kind, case.points, False,
+                                               got=f"cannot be tested: it needs “{first.name}” to pass first",
+                                               hint="fix the first failure above, then run the check again",
+                                               optional=case.optional, specific=0, case_id=case.id))
+                continue
+            outcome = _run_case(case, submission, timeout, (seed * 1000 + i) % (2**63))
+            status[case.id] = outcome.passed
+            result.cases.append(outcome)
+    finally:
+        _VARIANT.reset(token)
     return result
 
 
 def _run_case(case: Case, submission: Any, timeout: float | None, seed: int) -> CaseResult:
-    def done(passed, got="", expected="", hint=""):
-        return CaseResult(case.name, case.kind, case.points, passed, str(got), str(expected), str(hint))
+    def done(passed, got="", expected="", hint="", specific=1, credit=-1.0):
+        return CaseResult(case.name, case.kind, case.points, passed, str(got), str(expected), str(hint),
+                          credit=credit, optional=case.optional, specific=specific, case_id=case.id)
 
     if timeout and case.min_timeout:
         timeout = max(timeout, case.min_timeout)
@@ -114,7 +167,7 @@ def _run_case(case: Case, submission: Any, timeout: float | None, seed: int) -> 
                 torch.set_grad_enabled(grad_enabled)
         return done(True, note or "")
     except Fail as f:
-        return done(False, f.got, f.expected, f.hint)
+        return done(False, f.got, f.expected, f.hint, specific=f.specific, credit=f.credit)
     except CaseTimeout:
         return done(False, f"your code did not finish within {timeout:g} s (timed out)",
                     hint="is there an infinite loop (a `while` whose condition never changes, or a method that calls itself)?")
@@ -123,7 +176,7 @@ def _run_case(case: Case, submission: Any, timeout: float | None, seed: int) -> 
     except RecursionError as e:
         return done(False, describe_exception(e), hint="infinite recursion: does a method call itself, e.g. self(x) or self.forward(x) inside forward?")
     except BaseException as e:  # noqa: BLE001 - student code may raise anything, even SystemExit
-        return done(False, describe_exception(e), hint=hint_for_exception(e))
+        return done(False, describe_exception(e), hint=hint_for_exception(e), specific=0 if not isinstance(e, NotImplementedError) else 1)
 
 
 # ----------------------------------------------------------------------------- calling student code
@@ -139,7 +192,8 @@ def call(what: str, fn: Callable, *args, **kwargs):
         raise Fail(f"{what} raised {describe_exception(e)}",
                    hint="infinite recursion: does a method call itself, e.g. self(x) or self.forward(x) inside forward?") from None
     except BaseException as e:  # noqa: BLE001
-        raise Fail(f"{what} raised {describe_exception(e)}", hint=hint_for_exception(e)) from None
+        raise Fail(f"{what} raised {describe_exception(e)}", hint=hint_for_exception(e),
+                   specific=1 if isinstance(e, NotImplementedError) else 0) from None
 
 
 def get_attr(obj, name: str, what: str, hint: str = ""):

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from .battery import Exercise, Fail, answer, as_float, as_tensor, call, fmt
+from .battery import Exercise, Fail, answer, as_float, as_tensor, call, case_random, fmt, variant_seed
 
 EXERCISE = Exercise(
     name="delta_analysis",
     title="Analyse a learned ΔW",
     notebook="05_delta_analysis.ipynb",
     symbols=("singular_values", "energy_rank", "subspace_similarity", "sigma_dW", "k90", "phi_top", "chance_top"),
+    written=("singular_values", "energy_rank", "subspace_similarity"),
+    reference_names=("lora_edu.lab.analysis", "subspace_similarity", "energy_rank", "singular_values", "effective_rank"),
 )
 case = EXERCISE.case
 
@@ -51,8 +53,9 @@ def _int(v, what):
 @case("singular_values(M): all of them, descending, float64-accurate", "spectrum")
 def spectrum(sub):
     fn = answer(sub, "singular_values", fn=True)
-    g = torch.Generator().manual_seed(5)
-    for shape in ((12, 7), (5, 20), (16, 16)):
+    g = torch.Generator().manual_seed(5 + 7919 * variant_seed())
+    rng = case_random(5)
+    for shape in ((rng.randint(8, 16), rng.randint(3, 7)), (rng.randint(3, 7), rng.randint(12, 24)), (16, 16)):
         M = torch.randn(*shape, generator=g, dtype=torch.float64)
         want = _sv(M)
         got = as_tensor(call(f"singular_values(M) for M of shape {shape}", fn, M.clone()), f"singular_values(M), M {shape}")
@@ -78,6 +81,9 @@ def energy(sub):
         (torch.tensor([1.0, 0.9, 0.8, 0.7, 0.6, 0.5], dtype=torch.float64), 0.9),
         (torch.tensor([5.0, 1e-3, 1e-4], dtype=torch.float64), 0.9),
     ]
+    rng = case_random(55)
+    drawn = sorted((rng.uniform(0.1, 3.0) for _ in range(rng.randint(5, 12))), reverse=True)
+    cases.append((torch.tensor(drawn, dtype=torch.float64), round(rng.uniform(0.6, 0.95), 3)))
     for s, t in cases:
         want = _energy_rank(s, t)
         got = _int(call(f"energy_rank({s.tolist()}, threshold={t})", fn, s.clone(), t), "energy_rank")
@@ -100,8 +106,8 @@ def energy(sub):
 @case("subspace_similarity(A1, A2, i, j): ‖U1ᵢᵀ U2ⱼ‖²_F / min(i, j) with U = right singular vectors", "similarity", points=2)
 def similarity(sub):
     fn = answer(sub, "subspace_similarity", fn=True)
-    g = torch.Generator().manual_seed(6)
-    D = 24
+    g = torch.Generator().manual_seed(6 + 7919 * variant_seed())
+    D = case_random(6).randint(20, 32)
     base = torch.randn(2, D, generator=g, dtype=torch.float64)
     A1 = torch.cat([base * 3, torch.randn(2, D, generator=g, dtype=torch.float64)])  # (4, D)
     A2 = torch.cat([base * 2 + 0.1 * torch.randn(2, D, generator=g, dtype=torch.float64), torch.randn(6, D, generator=g, dtype=torch.float64)])  # (8, D)

@@ -24,13 +24,16 @@ import math
 import torch
 import torch.nn as nn
 
-from .battery import Exercise, Fail, answer, call, fmt
+from .battery import Exercise, Fail, Named, answer, call, case_random, fmt, variant_seed
 
 EXERCISE = Exercise(
     name="inject_train",
     title="Inject LoRA into a transformer, freeze, count, train",
     notebook="02_inject_train.ipynb",
     symbols=("inject_lora", "count_trainable", "trained_model"),
+    written=("inject_lora", "count_trainable"),
+    reference_names=("add_lora", "freeze", "count_parameters", "lora_parameters", "lora_edu.core.inject", "lora_edu.core.counting"),
+    allowed_grading_imports=("lora_edu.grading", "lora_edu.grading.ex_inject_train"),
 )
 case = EXERCISE.case
 
@@ -79,15 +82,29 @@ def _is_lora(m: nn.Module) -> bool:
 def _fresh():
     from lora_edu.lab.models import GPT, GPTConfig
 
+    rng = case_random("fresh")
+    n_layer, d_model = (2, 32) if not variant_seed() else (rng.randint(2, 3), rng.choice([16, 24, 32]))
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        return GPT(GPTConfig.preset("tiny", n_layer=2, d_model=32, d_ff=64, block_size=16))
+        torch.manual_seed(1 + variant_seed() % 100000)
+        return GPT(GPTConfig.preset("tiny", n_layer=n_layer, d_model=d_model, d_ff=2 * d_model, block_size=16))
 
 
 TARGET_SETS = (["q_proj", "v_proj"], ["o_proj"], ["k_proj", "up_proj", "down_proj"])
 
 
+def target_sets() -> list[list[str]]:
+    """The public target sets, plus (graded runs) one drawn from the grading secret."""
+    sets = [list(t) for t in TARGET_SETS]
+    if variant_seed():
+        rng = case_random("targets")
+        sets.append(sorted(rng.sample(["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"], rng.randint(1, 4))))
+    return sets
+
+
 def _inject(sub, targets, r=4, alpha=6.0):
+    if variant_seed():
+        rng = case_random(f"inject{targets}")
+        r, alpha = rng.randint(2, 6), round(rng.uniform(2.0, 12.0), 2)
     fn = answer(sub, "inject_lora", fn=True)
     model = _fresh()
     before = {n: m for n, m in model.named_modules()}
@@ -99,7 +116,7 @@ def _inject(sub, targets, r=4, alpha=6.0):
 
 @case("inject_lora wraps exactly the targeted Linear layers, in every block", "inject", points=2)
 def inject(sub):
-    for targets in TARGET_SETS:
+    for targets in target_sets():
         model, before, ret = _inject(sub, targets)
         want = sorted(n for n, m in before.items() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets)
         got = sorted(n for n, m in model.named_modules() if _is_lora(m))
@@ -107,7 +124,9 @@ def inject(sub):
             missing = sorted(set(want) - set(got))
             extra = sorted(set(got) - set(want))
             msg = f"inject_lora(model, {targets}) wrapped {len(got)} layers"
+            specific = 1
             if missing and not extra and all(".0." in n for n in got) and got:
+                specific = 2
                 msg += f": only the first block (missing {missing[:3]})"
                 hint = "loop over model.named_modules() and replace every match, not just the first"
             elif missing:
@@ -116,7 +135,7 @@ def inject(sub):
             else:
                 msg += f"; not targets: {extra[:3]}"
                 hint = "match whole names (name.rsplit('.', 1)[-1] in targets), not substrings"
-            raise Fail(msg, expected=f"{len(want)} layers: {want[:4]}{' …' if len(want) > 4 else ''}", hint=hint)
+            raise Fail(msg, expected=f"{len(want)} layers: {want[:4]}{' …' if len(want) > 4 else ''}", hint=hint, specific=specific)
         for n in want:
             old, new = before[n], model.get_submodule(n)
             W = getattr(getattr(new, "base", None), "weight", None)
@@ -134,7 +153,7 @@ def freeze(sub):
     trainable_other = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in lora_ids]
     frozen_lora = [n for n, p in model.named_parameters() if not p.requires_grad and id(p) in lora_ids]
     if trainable_other:
-        raise Fail(f"{len(trainable_other)} parameter tensors outside the LoRA factors still train, e.g. {trainable_other[:3]}",
+        raise Named(f"{len(trainable_other)} parameter tensors outside the LoRA factors still train, e.g. {trainable_other[:3]}",
                    expected="only the A and B of the injected layers have requires_grad=True",
                    hint="freeze the whole model first (model.requires_grad_(False)), then inject: the new A and B stay trainable")
     if frozen_lora:
@@ -190,11 +209,12 @@ def count(sub):
         if t == total:
             raise Fail(what + ": every parameter counted as trainable", expected=f"({trainable}, {total})",
                        hint="count only p.numel() for p with p.requires_grad")
-        raise Fail(what, expected=f"({trainable}, {total})", hint="sum(p.numel() for p in model.parameters() if p.requires_grad), and the same without the condition")
+        raise Fail(what, expected=f"({trainable}, {total})",
+                   hint="sum(p.numel() for p in model.parameters() if p.requires_grad), and the same without the condition")
 
 
-@case(f"trained_model: only the LoRA factors changed, and the target loss fell by ≥ {QUALITY_DROP} nats/char", "train", points=3,
-      min_timeout=120)
+@case(f"trained_model: only the LoRA factors changed, and the target loss fell by ≥ {QUALITY_DROP} nats/char "
+      "(proportional credit below that)", "train", points=4, min_timeout=120)
 def trained(sub):
     model = answer(sub, "trained_model")
     if not isinstance(model, nn.Module):
@@ -219,7 +239,10 @@ def trained(sub):
     after = call("evaluating trained_model", evaluate, model, task)
     drop = before - after
     if not math.isfinite(after) or drop < QUALITY_DROP:
-        raise Fail(f"target val loss {fmt(after)} vs {fmt(before)} for the base model: a drop of {fmt(drop)} nats/char",
+        credit = max(0.0, drop / QUALITY_DROP) if math.isfinite(after) else 0.0
+        raise Fail(f"target val loss {fmt(after)} vs {fmt(before)} for the base model: a drop of {fmt(drop)} nats/char "
+                   f"({credit:.0%} of the stated drop, so {credit:.0%} of this case's points)",
                    expected=f"a drop ≥ {QUALITY_DROP}",
-                   hint="train longer or with a larger learning rate (Adam, lr ≈ 1e-2 for LoRA), and check the loss goes down")
+                   hint="train longer or with a larger learning rate (Adam, lr ≈ 1e-2 for LoRA), and check the loss goes down",
+                   credit=min(credit, 0.99))
     return f"val loss {before:.3f} → {after:.3f} nats/char"

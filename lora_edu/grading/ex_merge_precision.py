@@ -15,13 +15,15 @@ import math
 import torch
 import torch.nn as nn
 
-from .battery import Exercise, Fail, answer, as_float, call, fmt, get_attr
+from .battery import Exercise, Fail, Named, answer, as_float, call, case_random, fmt, get_attr, variant_seed
 
 EXERCISE = Exercise(
     name="merge_precision",
     title="Merge equivalence, float32 vs bfloat16",
     notebook="03_merge_precision.ipynb",
     symbols=("merge_error", "bf16_spacing", "err_fp32", "err_bf16", "why_bf16"),
+    written=("merge_error", "bf16_spacing"),
+    reference_names=("check_merge_equivalence", "lora_edu.core.equivalence"),
 )
 case = EXERCISE.case
 
@@ -37,7 +39,10 @@ def make_layer(dtype: torch.dtype, seed: int, d_in: int = 48, d_out: int = 40, r
     """A lora_edu.LoRALinear with a trained-looking (nonzero) B, and an input batch."""
     from lora_edu import LoRALinear
 
-    g = torch.Generator().manual_seed(seed)
+    if variant_seed():  # graded run: shapes and values drawn from the grading secret
+        rng = case_random(f"layer{seed}")
+        d_in, d_out, r, alpha = rng.randint(32, 64), rng.randint(24, 56), rng.randint(2, 8), round(rng.uniform(3.0, 12.0), 2)
+    g = torch.Generator().manual_seed(seed + 7919 * variant_seed())
     base = nn.Linear(d_in, d_out, bias=True)
     with torch.no_grad():
         base.weight.copy_(torch.randn(d_out, d_in, generator=g) * 0.02)
@@ -80,7 +85,7 @@ def _compare_error(got, want, dtype):
         return
     hint = "relative error = max|y_merged − y_unmerged| / max|y_unmerged|: run layer(x) before merge(), then merge(), run it again, then unmerge()"
     if got == 0 and want > 0:
-        raise Fail(f"merge_error returned exactly 0 on a {dtype} layer", expected=f"≈ {fmt(want)}",
+        raise Named(f"merge_error returned exactly 0 on a {dtype} layer", expected=f"≈ {fmt(want)}",
                    hint="did you compute both outputs after merging (or both before)? Save y_unmerged = layer(x) before calling merge()")
     if dtype == torch.bfloat16 and 0 < got < 1e-5:
         raise Fail(f"merge_error returned {fmt(got)} on a bfloat16 layer: float32-sized", expected=f"≈ {fmt(want)}",
@@ -131,7 +136,9 @@ def spacing(sub):
     fn = answer(sub, "bf16_spacing")
     if not callable(fn):
         raise Fail("`bf16_spacing` is not a function", expected="def bf16_spacing(w): ...")
-    for w in (0.02, 1.0, 3.0, 1e-3, -0.5, 200.0, 0.7):
+    rng = case_random(7)
+    drawn = [round(rng.choice([-1, 1]) * 2.0 ** rng.uniform(-12, 9), 6) for _ in range(3)]
+    for w in (0.02, 1.0, 3.0, 1e-3, -0.5, 200.0, 0.7, *drawn):
         got = _float(call(f"bf16_spacing({w})", fn, w), f"bf16_spacing({w})")
         e = math.floor(math.log2(abs(w)))
         want = 2.0 ** (e - 7)
@@ -141,7 +148,7 @@ def spacing(sub):
         exp = f"2^(⌊log₂|w|⌋ − 7) = {fmt(want)}"
         for bits, name in ((10, "float16 (10 stored fraction bits)"), (23, "float32 (23 bits)")):
             if abs(got - 2.0 ** (e - bits)) <= 1e-6 * 2.0 ** (e - bits):
-                raise Fail(txt + f": the spacing of {name}", expected=exp,
+                raise Named(txt + f": the spacing of {name}", expected=exp,
                            hint="bfloat16 stores 7 fraction bits (8 significant bits): torch.finfo(torch.bfloat16).eps = 2⁻⁷")
         if abs(got - 2.0**-7) <= 1e-9 and w != 1.0 and e != 0:
             raise Fail(txt + ": the spacing at 1.0 (eps) for every w", expected=exp,

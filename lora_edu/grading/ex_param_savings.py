@@ -9,9 +9,8 @@ d 4096, SwiGLU hidden 11008, vocab 32000, untied head; 6,738,415,616 parameters.
 from __future__ import annotations
 
 import math
-import random
 
-from .battery import Exercise, Fail, answer, call, fmt
+from .battery import Exercise, Fail, Named, answer, call, case_random, fmt
 
 EXERCISE = Exercise(
     name="param_savings",
@@ -19,6 +18,9 @@ EXERCISE = Exercise(
     notebook="04_param_savings.ipynb",
     symbols=("lora_params", "gpt3_lora_params", "gpt3_reduction", "llama7b_total_params", "llama7b_lora_params",
              "llama7b_trainable_percent", "llama7b_adapter_mb"),
+    written=("lora_params",),
+    reference_names=("lora_edu.lab.architectures.lora_params", "count_parameters"),
+    allowed_grading_imports=("lora_edu.grading", "lora_edu.lab.architectures"),
 )
 case = EXERCISE.case
 
@@ -40,6 +42,15 @@ def _number(sub, name) -> float:
     return f
 
 
+def _carried(sub, name) -> float | None:
+    """The student's own earlier answer, for judging a later step with the error carried forward."""
+    try:
+        v = _number(sub, name)
+    except Fail:
+        return None
+    return v if v > 0 else None
+
+
 def _oracle(shapes, r):
     return r * sum(i + o for o, i in shapes)
 
@@ -49,7 +60,7 @@ def formula(sub):
     fn = answer(sub, "lora_params")
     if not callable(fn):
         raise Fail("`lora_params` is not a function", expected="def lora_params(shapes, r): ...")
-    rng = random.Random(4)
+    rng = case_random(4)
     for _ in range(6):
         shapes = [(rng.randint(3, 900), rng.randint(3, 900)) for _ in range(rng.randint(1, 5))]
         r = rng.randint(2, 16)
@@ -64,7 +75,7 @@ def formula(sub):
         g = float(got)
         txt = f"lora_params({shapes}, r={r}) returned {got!r}"
         if g == r * sum(i * o for o, i in shapes):
-            raise Fail(txt + ": r·in·out per matrix, i.e. r full copies of W", expected=str(want),
+            raise Named(txt + ": r·in·out per matrix, i.e. r full copies of W", expected=str(want),
                        hint="A is (r, in) and B is (out, r): r·in + out·r = r·(in + out) per adapted matrix, never in·out")
         if g == sum(i + o for o, i in shapes):
             raise Fail(txt + ": Σ(in + out) without the factor r", expected=str(want), hint="each of the r rank-one pieces has in + out numbers")
@@ -103,6 +114,9 @@ def gpt3_reduction(sub):
     want = GPT3["total"] / GPT3_LORA
     if abs(got - want) <= 0.01 * want:
         return f"{got:,.0f}×"
+    own = _carried(sub, "gpt3_lora_params")
+    if own and abs(got - GPT3["total"] / own) <= 0.01 * GPT3["total"] / own:
+        return f"{got:,.0f}×: right for your gpt3_lora_params (error carried forward: that mistake is counted once, above)"
     if abs(got - 1 / want) <= 0.01 / want:
         raise Fail(f"gpt3_reduction = {fmt(got)}: that is trainable / total", expected=f"total / trainable ≈ {want:,.0f}",
                    hint="the reduction factor is how many times fewer parameters train: 175e9 / gpt3_lora_params")
@@ -150,6 +164,11 @@ def llama_percent(sub):
     want = 100 * LLAMA_LORA / LLAMA_TOTAL
     if abs(got - want) <= 0.01 * want:
         return f"{got:.3f} %"
+    own_lora, own_total = _carried(sub, "llama7b_lora_params"), _carried(sub, "llama7b_total_params")
+    if own_lora and own_total:
+        own = 100 * own_lora / own_total
+        if abs(got - own) <= 0.01 * own:
+            return f"{got:.3f} %: right for your own counts (error carried forward: counted once, above)"
     if abs(got - want / 100) <= 0.01 * want / 100:
         raise Fail(f"llama7b_trainable_percent = {fmt(got)}: a fraction, not a percentage", expected=f"{want:.3f}", hint="multiply by 100")
     raise Fail(f"llama7b_trainable_percent = {fmt(got)}", expected=f"100 × {LLAMA_LORA:,} / {LLAMA_TOTAL:,} = {want:.3f}")
@@ -161,6 +180,9 @@ def llama_mb(sub):
     want = LLAMA_LORA * 2 / 1e6
     if abs(got - want) <= 0.01 * want:
         return f"{got:.1f} MB"
+    own_lora = _carried(sub, "llama7b_lora_params")
+    if own_lora and abs(got - own_lora * 2 / 1e6) <= 0.01 * own_lora * 2 / 1e6:
+        return f"{got:.1f} MB: right for your llama7b_lora_params (error carried forward: counted once, above)"
     for factor, why in ((2, "4 bytes per parameter (fp32): fp16 is 2 bytes"), (0.5, "1 byte per parameter: fp16 is 2 bytes"),
                         (1e6 / 2**20, "MiB (2²⁰ bytes): the question asks for MB = 10⁶ bytes")):
         if abs(got - want * factor) <= 0.01 * want * factor:

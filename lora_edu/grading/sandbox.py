@@ -1,251 +1,309 @@
-"""Running untrusted student code with a time limit.
+"""Grade one submitted notebook in its own process: isolated, limited, killed as a whole tree.
 
-Two levels:
+The grader (``lora-edu grade``, :func:`run_submission`) never imports or executes
+student code.  For each submission it
 
-* :func:`time_limit` bounds one call *inside* the current process (used by ``check``
-  for each case, so that ``while True: pass`` in a student's ``forward`` becomes a
-  failed case instead of a frozen notebook).  On POSIX in the main thread it uses
-  ``SIGALRM`` (re-fired every 0.25 s, so code that swallows the first exception with
-  ``except Exception`` is interrupted again); elsewhere a watchdog thread raises
-  :class:`CaseTimeout` asynchronously in the calling thread.  Either way Python
-  can only interrupt between bytecodes: one enormous C call (a 10⁵×10⁵ matmul) runs
-  to its end first.  A loop that catches ``BaseException`` forever cannot be stopped
-  from inside the process; the subprocess limit below is the backstop.
+1. makes a private temporary folder holding only that notebook (under a random name)
+   and a fresh copy of the ``lora_edu`` package that the child imports — so a notebook
+   that edits "the grading code" edits a copy that is thrown away;
+2. starts ``python -I`` there in **its own session**, with a clean environment, and —
+   when the grader runs as root — as the unprivileged user ``nobody`` (no supplementary
+   groups), so the submission cannot write the grader's files, the real package, the
+   other notebooks or the grade file;
+3. hands it its settings through a pipe on stdin (nothing on the command line or in
+   the environment, which other processes can read in ``/proc``): the exercise, the
+   hidden variant (the grading secret itself never leaves the grader), limits, and a
+   fresh random key;
+4. lets the child apply resource limits to itself before any student code runs
+   (address space, file size, CPU seconds, processes, no core files);
+5. reads the child's output through a pipe and keeps at most ``output_cap`` bytes
+   (the rest is read and dropped, never written to disk);
+6. accepts the result only as one frame on a pipe it created, authenticated with the
+   key (HMAC-SHA256): text the notebook prints, files it writes, a second frame or a
+   frame without the right MAC are not results;
+7. when the child ends or runs out of time, kills the whole tree: every process of the
+   child's session, every descendant, and — the grader being their "subreaper" while
+   it grades — every orphan the child left behind that carries its mark, runs as
+   ``nobody``, or stayed in its session.
 
-* :func:`run_notebook_subprocess` grades a submitted notebook in a **separate
-  process** (``python -m lora_edu.grading.sandbox``) in its own session and working
-  directory, kills its whole process group when the time limit passes, and reads the
-  result back from a JSON file that only that child was told about.  The grader's
-  process never imports or executes student code.
+Inside the child (:func:`child_main`): the checker is imported and a
+:class:`~.integrity.CheckerSnapshot` taken before the notebook's code cells run in an
+IPython shell (errors recorded, never stopping the run; the notebook's own self-check
+and graded cells are skipped: the grader calls the checker itself on the objects the
+exercise names); the snapshot is compared again after the cells and after the check.
 
-Inside the child, :func:`grade_notebook` executes the code cells in an in-process
-IPython shell (no kernel process to leak), skips the notebook's own self-check cells
-(marked ``# SELF-CHECK``), then calls the checker itself on the objects the
-exercise names (e.g. the class ``LoRALinear``) — so a notebook that simply deletes
-its failing ``assert`` does not change its grade.
-
-Limits (say so to students and colleagues): the child runs with the grader's user
-rights, so a hostile notebook could still forge *its own* result or touch files the
-user can write.  Submissions are copied before any of them runs and each writes
-only into its own temporary directory, so one cannot change another's input or
-result; for hostile settings run the grader inside a container or VM.
+What this does not do: a process that runs untrusted code can read its own memory, so
+a determined student can extract the key and forge *their own* result; a grader not
+running as root cannot drop privileges, so the child then has the instructor's rights;
+the network is not cut off.  A container per submission is the stronger option
+(docs/instructors.md says how).
 """
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import hmac
 import json
 import os
+import secrets
+import shutil
 import signal
+import stat
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["CaseTimeout", "time_limit", "SubmissionRun", "run_notebook_subprocess", "grade_notebook"]
+from .checks import EXERCISES, check
+from .integrity import CheckerSnapshot, answer_flags, package_root
+from .notebooks import GRADED_MARKER, SELF_CHECK_MARKER, code_cells
 
-SELF_CHECK_MARKER = "# SELF-CHECK"
+__all__ = ["Limits", "SubmissionRun", "run_submission", "pristine_package", "child_main", "kill_tree", "subreaper"]
 
-
-class CaseTimeout(BaseException):
-    """Raised inside student code when a case runs past its time limit.
-
-    A ``BaseException`` so that ``except Exception`` in student code does not swallow it.
-    """
-
-
-# ----------------------------------------------------------------------------- in-process
+NOBODY = 65534
+_FRAME = struct.Struct(">Q")  # payload length, then 32 bytes of MAC, then the payload
+MAX_RESULT_BYTES = 4 << 20
+_PR_SET_CHILD_SUBREAPER = 36
 
 
-@contextmanager
-def time_limit(seconds: float | None):
-    """Raise :class:`CaseTimeout` in the calling thread if the block runs longer than ``seconds``."""
-    if not seconds or seconds <= 0:
-        yield
-        return
-    use_signal = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
-    if use_signal:
-        try:
-            old_handler = signal.getsignal(signal.SIGALRM)
-            old_timer = signal.getitimer(signal.ITIMER_REAL)
-        except (ValueError, OSError):  # pragma: no cover - exotic embedding
-            use_signal = False
-    if not use_signal:
-        with _thread_time_limit(seconds):
-            yield
-        return
-    if old_timer[0] > 0:  # someone else's alarm is pending: don't clobber it, use the thread fallback
-        with _thread_time_limit(seconds):
-            yield
-        return
+@dataclass
+class Limits:
+    """Per-submission limits."""
 
-    state = {"active": True}
-
-    def _handler(signum, frame):
-        if state["active"]:
-            raise CaseTimeout(f"timed out after {seconds:g} s")
-
-    signal.signal(signal.SIGALRM, _handler)
-    signal.setitimer(signal.ITIMER_REAL, seconds, 0.25)
-    try:
-        yield
-    finally:
-        while True:  # a late alarm may interrupt the clean-up itself: retry until it is done
-            try:
-                state["active"] = False
-                signal.setitimer(signal.ITIMER_REAL, 0)
-                signal.signal(signal.SIGALRM, old_handler)
-                break
-            except CaseTimeout:
-                continue
-
-
-def _async_raise(thread_id: int, exc_type) -> None:
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc_type))
-
-
-@contextmanager
-def _thread_time_limit(seconds: float):
-    target = threading.get_ident()
-    done = threading.Event()
-    lock = threading.Lock()
-
-    def watchdog():
-        deadline = time.monotonic() + seconds
-        while not done.wait(max(0.0, deadline - time.monotonic())):
-            with lock:
-                if done.is_set():
-                    return
-                _async_raise(target, CaseTimeout)
-            deadline = time.monotonic() + 0.25  # fire again if the first one was swallowed
-
-    t = threading.Thread(target=watchdog, daemon=True, name="lora_edu-grading-watchdog")
-    t.start()
-    try:
-        yield
-    finally:
-        while True:
-            try:
-                with lock:
-                    done.set()
-                    # clear a CaseTimeout queued just before `done` was set (NULL clears)
-                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(target), None)
-                break
-            except CaseTimeout:
-                continue
-        try:
-            t.join()
-        except CaseTimeout:  # pragma: no cover - raised just before the lock was taken
-            pass
-
-
-# ----------------------------------------------------------------------------- subprocess
+    timeout: float = 300.0  # wall-clock seconds for the whole notebook and its check
+    case_timeout: float = 10.0  # seconds per checker case
+    memory_mb: int = 4096  # address space (RLIMIT_AS)
+    file_mb: int = 64  # largest file the child may write (RLIMIT_FSIZE)
+    nproc: int = 256  # processes and threads of the unprivileged user (RLIMIT_NPROC; only when dropped to nobody)
+    output_cap: int = 32 * 1024  # bytes of the child's stdout/stderr kept
+    drop_to: int | None = None  # uid to run as; None: nobody when the grader is root, else unchanged
 
 
 @dataclass
 class SubmissionRun:
     """What came back from grading one notebook in its own process."""
 
-    file: str
-    result: dict | None  # CheckResult.to_dict(), or None when the child produced none
+    result: dict | None  # CheckResult.to_dict(), or None when the child produced no valid result
     error: str  # "" when the child finished; else why there is no (complete) result
-    cell_errors: list[str]
-    seconds: float
-    returncode: int | None
+    cell_errors: list[str] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)  # integrity problems found by the child or by this process
+    output: str = ""  # the child's stdout+stderr, capped
+    output_bytes: int = 0  # how much it wrote in all
+    seconds: float = 0.0
+    returncode: int | None = None
+    user: str = ""  # who the child ran as
+    package_changed: bool = False  # the child's copy of lora_edu differed afterwards (it edited "the grading code")
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        if os.name == "posix":
-            os.killpg(proc.pid, signal.SIGKILL)
-        else:  # pragma: no cover
-            proc.kill()
-    except (ProcessLookupError, PermissionError, OSError):
-        pass
+# ----------------------------------------------------------------------------- the grader's side
+
+_LIVE_ROOTS: set[int] = set()
+_LIVE_LOCK = threading.Lock()
 
 
-def run_notebook_subprocess(
-    notebook: str | os.PathLike,
-    exercise: str | None,
-    timeout: float = 120.0,
-    case_timeout: float = 10.0,
-    python: str | None = None,
-    content: bytes | None = None,
-) -> SubmissionRun:
-    """Grade ``notebook`` in a fresh child process, killed (with its children) after ``timeout`` s.
+@contextmanager
+def pristine_package():
+    """A read-only copy of the ``lora_edu`` package taken once per grading run; yields its folder.
 
-    The notebook (or ``content``, its bytes read earlier) is copied into a private temporary directory, which is the child's
-    working directory, and the child writes its JSON result there.  Nothing the child
-    does can raise in this process: every failure becomes ``SubmissionRun.error``.
+    Each submission gets its own copy of this copy, so neither a submission nor anyone
+    editing the installed package meanwhile changes what later submissions are graded with.
     """
-    notebook = Path(notebook)
-    start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="lora_edu_grade_") as tmp:
-        tmp = Path(tmp)
-        work = tmp / "work"
-        work.mkdir()
-        try:
-            local = work / notebook.name
-            local.write_bytes(notebook.read_bytes() if content is None else content)
-        except OSError as e:
-            return SubmissionRun(str(notebook), None, f"could not read the submission: {e}", [], 0.0, None)
-        result_path = tmp / "result.json"  # outside the child's working directory
-        log_path = tmp / "log.txt"
-        cmd = [python or sys.executable, "-m", "lora_edu.grading.sandbox", str(local), "--result", str(result_path),
-               "--case-timeout", str(case_timeout)]
-        if exercise:
-            cmd += ["--exercise", exercise]
-        env = dict(os.environ)
-        env["MPLBACKEND"] = "Agg"
-        env.setdefault("OMP_NUM_THREADS", "1")
-        env["PYTHONPATH"] = os.pathsep.join([_package_root()] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-        returncode = None
-        error = ""
-        with open(log_path, "wb") as log:
-            try:
-                proc = subprocess.Popen(cmd, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=(os.name == "posix"))
-            except OSError as e:
-                return SubmissionRun(str(notebook), None, f"could not start the grading process: {e}", [], 0.0, None)
-            try:
-                returncode = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                error = f"timed out after {timeout:g} s (an infinite loop, or far too slow); the notebook was stopped"
-            finally:
-                _kill_group(proc)  # also reaps anything the notebook spawned in its session
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:  # pragma: no cover
-                    pass
-        result, cell_errors = None, []
-        try:
-            payload = json.loads(result_path.read_text(encoding="utf-8"))
-            result = payload.get("result")
-            cell_errors = [str(e) for e in payload.get("cell_errors", [])][:50]
-            if result is not None:
-                _validate_result(result)
-            if payload.get("error") and not error:
-                error = str(payload["error"])
-        except FileNotFoundError:
-            if not error:
-                error = f"the grading process exited with code {returncode} without a result" + _log_tail(log_path)
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            result = None
-            error = error or f"the result file was unreadable or malformed ({type(e).__name__}: {e})"
-        if error and result is not None and "timed out" in error:
-            result = None  # a partial result written before the kill is not trusted
-    return SubmissionRun(str(notebook), result, error, cell_errors, time.monotonic() - start, returncode)
-
-
-def _log_tail(path: Path, n: int = 400) -> str:
+    tmp = Path(tempfile.mkdtemp(prefix="lora_edu_grading_code_"))
     try:
-        text = path.read_text(encoding="utf-8", errors="replace").strip()
+        pkg = tmp / "lora_edu"
+        shutil.copytree(package_root(), pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"), symlinks=True)
+        _read_only(tmp)
+        yield pkg
+    finally:
+        _remove_tree(tmp)
+
+
+def run_submission(content: bytes, filename: str, exercise: str, variant: int, limits: Limits | None = None,
+                   package: Path | None = None) -> SubmissionRun:
+    """Grade one notebook (its bytes ``content``) in a fresh child process; never raises because of it.
+
+    ``package`` is the ``lora_edu`` folder the child's private copy is made from (default: the installed one).
+    """
+    limits = limits or Limits()
+    start = time.monotonic()
+    uid = limits.drop_to if limits.drop_to is not None else (NOBODY if os.geteuid() == 0 else None)
+    if uid is not None and os.geteuid() != 0:
+        uid = None
+    python, why_not = child_interpreter(uid)
+    if python is None:
+        uid, python = None, sys.executable
+    tmp = Path(tempfile.mkdtemp(prefix="lora_edu_grade_"))
+    try:
+        run = _run_in(tmp, content, filename, exercise, variant, limits, uid, start, python, package or package_root())
+    finally:
+        _remove_tree(tmp)
+    if why_not and uid is None:
+        run.user += f" (could not run as nobody: {why_not})"
+    return run
+
+
+def _open_to_others(path: str, need_read: bool = True) -> bool:
+    """Whether a user with no relation to the owners can reach ``path`` (every folder searchable, the file readable)."""
+    p = Path(os.path.realpath(path))
+    try:
+        for d in [*reversed(p.parents)]:
+            if not os.stat(d).st_mode & stat.S_IXOTH:
+                return False
+        mode = os.stat(p).st_mode
     except OSError:
-        return ""
-    return f": …{text[-n:]}" if text else ""
+        return False
+    return bool(mode & stat.S_IROTH) if need_read else True
+
+
+def child_interpreter(uid: int | None) -> tuple[str | None, str]:
+    """A Python that the child's user can run: this one, or the same version elsewhere on the system.
+
+    The child imports the grader's site-packages (they must be readable by that user too).
+    Returns (path, "") or (None, why not).
+    """
+    if uid is None:
+        return sys.executable, ""
+    sites = _site_dirs()
+    if not all(_open_to_others(d) for d in sites):
+        return None, f"the Python packages in {sites} are not readable by other users"
+    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    candidates = [sys.executable, f"/usr/bin/python{ver}", f"/usr/local/bin/python{ver}", shutil.which(f"python{ver}") or ""]
+    for c in candidates:
+        if c and os.path.exists(c) and _open_to_others(c) and os.stat(os.path.realpath(c)).st_mode & stat.S_IXOTH:
+            return c, ""
+    return None, f"no Python {ver} interpreter is reachable by other users ({sys.executable} is not)"
+
+
+def _site_dirs() -> list[str]:
+    return [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and os.path.isdir(p)]
+
+
+def _run_in(tmp: Path, content, filename, exercise, variant, limits: Limits, uid, start, python: str, source_pkg: Path) -> SubmissionRun:
+    os.chmod(tmp, 0o711)  # the child may pass through, not list
+    pkg_parent = tmp / "pkg"
+    pkg = pkg_parent / "lora_edu"
+    shutil.copytree(source_pkg, pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"), symlinks=True)
+    _read_only(pkg_parent)
+    from .integrity import tree_fingerprint
+
+    pkg_before = tree_fingerprint(pkg)
+    work = tmp / secrets.token_hex(8)
+    work.mkdir(mode=0o700)
+    nb_path = work / (Path(filename).name or "submission.ipynb")
+    nb_path.write_bytes(content)
+    if uid is not None:
+        os.chown(work, uid, uid)
+        os.chown(nb_path, uid, uid)
+    key = secrets.token_bytes(32)
+    mark = secrets.token_hex(12)
+    res_r, res_w = os.pipe()
+    cfg_r, cfg_w = os.pipe()
+    out_r, out_w = os.pipe()
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(work), "TMPDIR": str(work), "MPLBACKEND": "Agg",
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1",
+           "LORA_EDU_GRADING_MARK": mark}
+    boot = ("import sys, site, json; d = json.loads(sys.argv[2]); [site.addsitedir(x) for x in d]; "
+            "sys.path[:] = [sys.argv[1], *d, *(p for p in sys.path if p not in d)]; "
+            "from lora_edu.grading.sandbox import child_main; child_main()")
+    kwargs = {}
+    if uid is not None:
+        kwargs = {"user": uid, "group": uid, "extra_groups": []}
+    try:
+        proc = subprocess.Popen([python, "-I", "-c", boot, str(pkg_parent), json.dumps(_site_dirs())], cwd=work, env=env, stdin=cfg_r,
+                                stdout=out_w, stderr=out_w, pass_fds=(res_w,), start_new_session=True, umask=0o077, **kwargs)
+    except OSError as e:
+        for fd in (res_r, res_w, cfg_r, cfg_w, out_r, out_w):
+            os.close(fd)
+        return SubmissionRun(None, f"could not start the grading process: {e}", seconds=time.monotonic() - start)
+    with _LIVE_LOCK:
+        _LIVE_ROOTS.add(proc.pid)
+    for fd in (res_w, cfg_r, out_w):
+        os.close(fd)
+    config = {"key": key.hex(), "result_fd": res_w, "notebook": nb_path.name, "exercise": exercise, "variant": variant,
+              "case_timeout": limits.case_timeout, "memory_mb": limits.memory_mb, "file_mb": limits.file_mb,
+              "cpu_s": int(limits.timeout) + 5, "nproc": limits.nproc if uid is not None else None}
+    try:
+        os.write(cfg_w, json.dumps(config).encode())
+    except OSError:
+        pass
+    finally:
+        os.close(cfg_w)
+    output = _Drain(out_r, limits.output_cap)
+    frames = _Drain(res_r, MAX_RESULT_BYTES)
+    error = ""
+    try:
+        returncode = proc.wait(timeout=limits.timeout)
+    except subprocess.TimeoutExpired:
+        returncode = None
+        error = f"timed out after {limits.timeout:g} s (an infinite loop, or far too slow); the notebook was stopped"
+    finally:
+        kill_tree(proc.pid, mark, uid)
+        with _LIVE_LOCK:
+            _LIVE_ROOTS.discard(proc.pid)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # pragma: no cover
+            pass
+    output.join(5)
+    frames.join(5)
+    run = SubmissionRun(None, error, output=output.text(), output_bytes=output.total, returncode=returncode,
+                        user="nobody" if uid == NOBODY else (str(uid) if uid is not None else "the grader's user"))
+    try:
+        run.package_changed = tree_fingerprint(pkg) != pkg_before
+    except OSError:
+        run.package_changed = True
+    if run.package_changed:
+        run.flags.append("the notebook changed the grading code (its private copy of lora_edu; the installed package is checked separately)")
+    if returncode is not None and returncode < 0 and not error:
+        run.error = f"the grading process was killed by signal {-returncode} (memory, CPU or file-size limit?)"
+    payload, frame_error = _verify(frames.data, key)
+    if frame_error:
+        run.flags.append(frame_error)
+    if payload is None:
+        if not run.error:
+            run.error = frame_error or f"the grading process exited with code {returncode} without a result"
+        run.seconds = time.monotonic() - start
+        return run
+    if error:  # a result written before a timeout kill is not trusted
+        run.seconds = time.monotonic() - start
+        return run
+    run.result = payload.get("result")
+    run.cell_errors = [str(e)[:400] for e in payload.get("cell_errors", [])][:50]
+    run.flags += [str(f)[:400] for f in payload.get("flags", [])][:50]
+    if payload.get("error"):
+        run.error = str(payload["error"])[:1000]
+    run.seconds = time.monotonic() - start
+    return run
+
+
+def _verify(data: bytes, key: bytes) -> tuple[dict | None, str]:
+    """The one authenticated frame on the result pipe, or (None, why not)."""
+    if not data:
+        return None, ""
+    if len(data) < _FRAME.size + 32:
+        return None, "something other than the grader wrote to the result channel (a short frame)"
+    (n,) = _FRAME.unpack(data[: _FRAME.size])
+    mac = data[_FRAME.size: _FRAME.size + 32]
+    body = data[_FRAME.size + 32: _FRAME.size + 32 + n]
+    extra = data[_FRAME.size + 32 + n:]
+    if len(body) != n or not hmac.compare_digest(mac, hmac.new(key, body, hashlib.sha256).digest()):
+        return None, "a forged result: the frame on the result channel does not carry the grader's key"
+    if extra:
+        return None, "the result channel carried more than one result (the notebook wrote to it)"
+    try:
+        payload = json.loads(body.decode("utf-8"))
+        if not isinstance(payload, dict):
+            raise ValueError("not an object")
+        if payload.get("result") is not None:
+            _validate_result(payload["result"])
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as e:
+        return None, f"the result was malformed ({type(e).__name__}: {str(e)[:200]})"
+    return payload, ""
 
 
 def _validate_result(result: dict) -> None:
@@ -256,80 +314,245 @@ def _validate_result(result: dict) -> None:
         raise ValueError("no cases, or negative points")
 
 
-def _package_root() -> str:
-    return str(Path(__file__).resolve().parents[2])
+class _Drain(threading.Thread):
+    """Read a pipe to its end, keeping at most ``cap`` bytes (the rest is counted and dropped)."""
+
+    def __init__(self, fd: int, cap: int):
+        super().__init__(daemon=True)
+        self.fd, self.cap, self.total = fd, cap, 0
+        self.chunks: list[bytes] = []
+        self.kept = 0
+        self.start()
+
+    def run(self) -> None:
+        try:
+            while True:
+                b = os.read(self.fd, 65536)
+                if not b:
+                    break
+                self.total += len(b)
+                if self.kept < self.cap:
+                    b = b[: self.cap - self.kept]
+                    self.chunks.append(b)
+                    self.kept += len(b)
+        except OSError:
+            pass
+        finally:
+            os.close(self.fd)
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.chunks) if self.total <= self.cap else b"".join(self.chunks) + b"\0TRUNCATED"
+
+    def text(self) -> str:
+        s = b"".join(self.chunks).decode("utf-8", errors="replace")
+        if self.total > self.cap:
+            s += f"\n… [output cut: {self.total:,} bytes written, the first {self.cap:,} kept]"
+        return s
+
+
+def _read_only(root: Path) -> None:
+    for dirpath, dirnames, filenames in os.walk(root):
+        for f in filenames:
+            os.chmod(Path(dirpath) / f, 0o644)
+        os.chmod(dirpath, 0o755)
+
+
+def _remove_tree(path: Path) -> None:
+    def onerror(func, p, exc):  # a read-only folder or a file the child made read-only
+        try:
+            os.chmod(os.path.dirname(p), 0o700)
+            os.chmod(p, stat.S_IRWXU)
+            func(p)
+        except OSError:
+            pass
+
+    shutil.rmtree(path, onerror=onerror)
+
+
+# ----------------------------------------------------------------------------- killing a whole tree
+
+
+def _proc_table() -> dict[int, tuple[int, int, int]]:
+    """pid -> (ppid, session id, real uid), from /proc."""
+    table = {}
+    try:
+        pids = [int(d) for d in os.listdir("/proc") if d.isdigit()]
+    except OSError:
+        return table
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                st = f.read().decode(errors="replace")
+            fields = st[st.rindex(")") + 2:].split()
+            ppid, sid = int(fields[1]), int(fields[3])
+            uid = os.stat(f"/proc/{pid}").st_uid
+        except (OSError, ValueError, IndexError):
+            continue
+        table[pid] = (ppid, sid, uid)
+    return table
+
+
+def _has_mark(pid: int, mark: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f"LORA_EDU_GRADING_MARK={mark}".encode() in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def _set_subreaper(on: bool) -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1 if on else 0, 0, 0, 0)
+        except (OSError, AttributeError):  # pragma: no cover
+            pass
+
+
+class subreaper:
+    """While grading, orphans of the children are re-parented to this process, so :func:`kill_tree` finds them."""
+
+    def __enter__(self):
+        _set_subreaper(True)
+        return self
+
+    def __exit__(self, *exc):
+        _set_subreaper(False)
+        return False
+
+
+def kill_tree(root: int, mark: str, uid: int | None) -> None:
+    """SIGKILL ``root`` and everything it started: descendants, its session, and orphans it left behind."""
+    me = os.getpid()
+    sid = root  # start_new_session: the child's session id is its pid
+    if os.name != "posix":  # pragma: no cover
+        return
+    for _ in range(50):
+        table = _proc_table()
+        if not table:  # no /proc: fall back to the session's process group
+            try:
+                os.killpg(root, signal.SIGKILL)
+            except OSError:
+                pass
+            return
+        with _LIVE_LOCK:
+            others = _LIVE_ROOTS - {root}
+        doomed = []
+        for pid, (ppid, psid, puid) in table.items():
+            if pid == me:
+                continue
+            chain, p = [], pid
+            while p in table and p not in chain and p not in (0, 1, me):
+                chain.append(p)
+                p = table[p][0]
+            if root in chain or psid == sid:
+                doomed.append(pid)
+            elif any(o in chain for o in others):
+                continue
+            elif p == me and pid != root and pid not in others and (_has_mark(pid, mark) or (uid is not None and puid == uid)):
+                doomed.append(pid)  # an orphan re-parented to us (subreaper)
+        if not doomed:
+            return
+        for pid in doomed:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for pid in doomed:
+            if pid != root:
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except (ChildProcessError, OSError):
+                    pass
+        time.sleep(0.02)
 
 
 # ----------------------------------------------------------------------------- inside the child
 
 
-def _code_cells(nb_json: dict) -> list[str]:
-    cells = []
-    for cell in nb_json.get("cells", []):
-        if cell.get("cell_type") != "code":
-            continue
-        src = cell.get("source", "")
-        cells.append("".join(src) if isinstance(src, list) else str(src))
-    return cells
+def _apply_limits(cfg: dict) -> None:
+    import resource
+
+    def lim(which, value):
+        try:
+            soft, hard = resource.getrlimit(which)
+            value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+            resource.setrlimit(which, (value, value))
+        except (ValueError, OSError):
+            pass
+
+    lim(resource.RLIMIT_AS, int(cfg["memory_mb"]) << 20)
+    lim(resource.RLIMIT_FSIZE, int(cfg["file_mb"]) << 20)
+    lim(resource.RLIMIT_CPU, int(cfg["cpu_s"]))
+    lim(resource.RLIMIT_CORE, 0)
+    if cfg.get("nproc"):
+        lim(resource.RLIMIT_NPROC, int(cfg["nproc"]))
 
 
-def grade_notebook(path: str | os.PathLike, exercise: str | None = None, case_timeout: float = 10.0) -> dict:
-    """Execute a notebook's code cells here and check the objects it defines.
+def child_main() -> None:
+    """Run by ``python -I -c`` in the submission's folder: read settings from stdin, grade, write one signed frame."""
+    cfg = json.loads(sys.stdin.buffer.read().decode())
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    _apply_limits(cfg)
+    key = bytes.fromhex(cfg.pop("key"))
+    fd = int(cfg["result_fd"])
 
-    Meant to run in a throw-away process (see :func:`run_notebook_subprocess`).
-    Returns ``{"result": CheckResult.to_dict() | None, "cell_errors": [...], "error": str}``.
-    """
-    from .checks import EXERCISES, check  # imported before any student code runs
+    def send(payload: dict) -> None:
+        body = json.dumps(payload, default=str).encode("utf-8")
+        frame = _FRAME.pack(len(body)) + hmac.new(key, body, hashlib.sha256).digest() + body
+        view = memoryview(frame)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.close(fd)
 
-    with open(path, encoding="utf-8") as f:
-        nb_json = json.load(f)
-    if exercise is None:
-        exercise = (nb_json.get("metadata", {}).get("lora_edu") or {}).get("exercise")
-    if exercise not in EXERCISES:
-        return {"result": None, "cell_errors": [], "error": f"unknown exercise {exercise!r}; pass --exercise (one of {sorted(EXERCISES)})"}
+    try:
+        payload = grade_in_this_process(cfg["notebook"], cfg["exercise"], int(cfg["variant"]), float(cfg["case_timeout"]))
+    except BaseException as e:  # noqa: BLE001 - the student's code may raise anything, even SystemExit
+        payload = {"result": None, "cell_errors": [], "flags": [], "error": f"grading failed: {type(e).__name__}: {e}"}
+    try:
+        send(payload)
+    finally:
+        sys.stdout.flush()
+        os._exit(0)  # no atexit handlers, no finalizers of the student's objects
+
+
+def grade_in_this_process(notebook: str, exercise: str, variant: int, case_timeout: float) -> dict:
+    """Execute a notebook's code cells here and check the objects it defines (in a throw-away process only)."""
     spec = EXERCISES[exercise]
+    snapshot = CheckerSnapshot(EXERCISES)  # before any student code
+    with open(notebook, encoding="utf-8") as f:
+        nb = json.load(f)
 
     from IPython.core.interactiveshell import InteractiveShell
 
-    shell = InteractiveShell.instance()
+    shell = InteractiveShell.instance(colors="nocolor")
     shell.user_ns["__name__"] = "__main__"
     cell_errors: list[str] = []
-    for i, src in enumerate(_code_cells(nb_json)):
-        if SELF_CHECK_MARKER in src:
+    for k, src in enumerate(code_cells(nb), start=1):
+        shell.execution_count = k  # the In [k] Jupyter shows after Restart & Run All
+        if SELF_CHECK_MARKER in src or GRADED_MARKER in src:
             continue
         try:
-            res = shell.run_cell(src, store_history=False, silent=False)
+            res = shell.run_cell(src, store_history=True, silent=False)
         except BaseException as e:  # noqa: BLE001 - SystemExit etc. from student code
-            cell_errors.append(f"cell {i}: {type(e).__name__}: {e}")
+            cell_errors.append(f"In [{k}]: {type(e).__name__}: {str(e)[:300]}")
             continue
         err = res.error_before_exec or res.error_in_exec
         if err is not None:
-            cell_errors.append(f"cell {i}: {type(err).__name__}: {str(err)[:300]}")
+            cell_errors.append(f"In [{k}]: {type(err).__name__}: {str(err)[:300]}")
+    flags = answer_flags(shell.user_ns, spec)
+    changed = snapshot.changes()
     submission = spec.collect(shell.user_ns)
-    result = check(exercise, submission, timeout=case_timeout)
-    return {"result": result.to_dict(), "cell_errors": cell_errors, "error": ""}
-
-
-def _main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(description="grade one notebook (run by `lora-edu grade`, in its own process)")
-    p.add_argument("notebook")
-    p.add_argument("--result", required=True)
-    p.add_argument("--exercise", default=None)
-    p.add_argument("--case-timeout", type=float, default=10.0)
-    a = p.parse_args(argv)
-    result_path = a.result
-    # open the result file before student code runs, so changing directory or deleting it later doesn't matter
-    out = open(result_path, "w", encoding="utf-8")
-    try:
-        payload = grade_notebook(a.notebook, a.exercise, a.case_timeout)
-    except BaseException as e:  # noqa: BLE001
-        payload = {"result": None, "cell_errors": [], "error": f"grading failed: {type(e).__name__}: {e}"}
-    out.write(json.dumps(payload))
-    out.close()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main())
+    result = check(exercise, submission, timeout=case_timeout, seed=variant)
+    changed_later = [c for c in snapshot.changes() if c not in changed]
+    if changed:
+        flags.append(f"the notebook changed the checker's objects before the check ran: {', '.join(changed[:6])}"
+                     + (" …" if len(changed) > 6 else ""))
+    if changed_later:
+        flags.append(f"the notebook's code changed the checker's objects while the check ran: {', '.join(changed_later[:6])}"
+                     + (" …" if len(changed_later) > 6 else ""))
+    return {"result": result.to_dict(), "cell_errors": cell_errors, "flags": flags, "error": "",
+            "checker_changed": bool(changed or changed_later)}
