@@ -400,9 +400,12 @@ def test_changing_A_in_place_while_merged_raises_and_unmerge_is_exact():
         m.fc1.lora_A["default"].add_(1.0)
     with pytest.raises(RuntimeError, match="changed in place while merged"):
         m(IDS)
+    with pytest.raises(RuntimeError, match="changed in place while merged"):
+        m.state_dict()  # (W, A, B) would describe another model: a fresh model would record the wrong ΔW
     L.check_merge_equivalence(m, IDS)  # must not re-record the merge with the changed A
     L.unmerge_lora(m)
     close(m.fc1.base.weight, W0, 1e-15)
+    m.state_dict()
 
 
 def test_merged_model_copies_still_run():

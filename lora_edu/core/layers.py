@@ -253,6 +253,8 @@ class LoRALayer(nn.Module):
 
     def get_extra_state(self) -> torch.Tensor:
         """The active and the merged adapter as UTF-8 JSON — a uint8 tensor, so safetensors can store it."""
+        if self._merged is not None:
+            self._check_merged_factors()  # a merged layer whose A or B changed since cannot be described by (W, A, B)
         state = json.dumps({"active": self.active_adapter, "merged": self.merged_adapter})
         return torch.tensor(list(state.encode()), dtype=torch.uint8)
 
