@@ -4,7 +4,7 @@ The machine drives a small float64 model (Embedding -> Linear -> tanh -> Linear)
 add_lora, delete_adapter, set_adapter, merge_lora / unmerge_lora, disable_lora around a
 forward, an SGD step on the active adapter, save_adapter + load_adapter in both formats
 (into a fresh copy of the base model and into the live model), a state_dict round trip
-into a freshly built model, fuse / unfuse and check_merge_equivalence.
+into a freshly built model, fuse / unfuse, check_merge_equivalence and unload_lora.
 
 The :class:`Oracle` is written independently of the library: per adapter its scale and,
 per layer, A and B; which adapter is active; whether it is merged; the true base W and b.
@@ -88,6 +88,7 @@ class Oracle:
         self.active: str | None = None
         self.merged = False
         self.merged_with: dict = {}  # the active factors at merge time: what W holds
+        self.frozen = False  # add_lora / load_adapter froze the base model
         self.stale = False  # the merged adapter's A was changed in place since the merge
 
     def names(self) -> list[str]:
@@ -192,6 +193,7 @@ class LoRAMachine(RuleBasedStateMachine):
         o.adapters[name] = {"cfg": (r, float(alpha), rslora), "s": scale(r, alpha, rslora), "f": f}
         o.wrapped |= set(targets)
         o.active = name
+        o.frozen = True
 
     @precondition(lambda self: not self.oracle.wrapped)
     @rule()
@@ -297,6 +299,8 @@ class LoRAMachine(RuleBasedStateMachine):
 
         def run():
             with torch.no_grad(), L.disable_lora(self.model):
+                if o.active is not None:
+                    self.expect(RuntimeError, lambda: L.merge_lora(self.model))  # no merge inside disable_lora()
                 return self.model(self.ids)
 
         y = self.expect(error, run)
@@ -366,6 +370,7 @@ class LoRAMachine(RuleBasedStateMachine):
             o.adapters[new] = {"cfg": src["cfg"], "s": src["s"], "f": factors}
         o.wrapped |= set(factors)
         o.active = new
+        o.frozen = True
 
     @precondition(lambda self: bool(self.oracle.wrapped))
     @rule(seed=st.integers(0, 2**16))
@@ -388,6 +393,24 @@ class LoRAMachine(RuleBasedStateMachine):
             L.set_adapter(fresh, None if o.active is not None else next(iter(o.adapters)))
         fresh.load_state_dict(self.model.state_dict())
         self.model = fresh
+
+    @precondition(lambda self: bool(self.oracle.wrapped))
+    @rule(merge=st.booleans())
+    def unload(self, merge):
+        """unload_lora: plain layers again, computing the adapted model (merge=True) or the base model."""
+        o = self.oracle
+        error = RuntimeError if merge and o.stale else None
+        self.expect(error, lambda: L.unload_lora(self.model, merge=merge))
+        if error is not None:
+            return
+        if merge:
+            folded = o.merged_with if o.merged else o.active_factors()
+            for t, (A, B, s) in folded.items():
+                delta = s * (B @ A)
+                W, b = o.base[t]
+                o.base[t] = (W + (delta.T if t == "emb" else delta), b)
+        o.adapters, o.wrapped, o.active = {}, set(), None
+        o.merged, o.merged_with, o.stale = False, {}, False
 
     @precondition(lambda self: bool(self.oracle.wrapped))
     @rule(cache=st.booleans())
@@ -443,8 +466,8 @@ class LoRAMachine(RuleBasedStateMachine):
                         self.assert_close(layer.lora_A[n].detach(), A)
                         self.assert_close(layer.lora_B[n].detach(), B)
         trainable = {n for n, p in m.named_parameters() if p.requires_grad}
-        if not o.wrapped:  # no LoRA yet: nothing has frozen the model
-            expected = {n for n, _ in m.named_parameters()}
+        if not o.wrapped:  # no LoRA (yet, or unloaded): frozen only if add_lora or a loader froze it
+            expected = set() if o.frozen else {n for n, _ in m.named_parameters()}
         elif o.merged or o.active is None:
             expected = set()
         else:
