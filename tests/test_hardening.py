@@ -633,6 +633,14 @@ def test_linear_subclass_with_other_maths_is_refused_with_a_helpful_message():
     assert_unchanged(m, before)
 
 
+def test_linear_subclass_on_the_meta_device_is_refused_saying_why():
+    FalconLinear = _falcon_linear()
+    with torch.device("meta"):
+        m = nn.Sequential(FalconLinear(4, 4))
+    with pytest.raises(TypeError, match=r"on the meta device there are no weights to check.*register_lora_layer\(FalconLinear"):
+        L.add_lora(m, ["0"], r=2, alpha=4)
+
+
 class TinyLM(nn.Module):
     """A transformers-like LM: get_input_embeddings / get_output_embeddings tell PEFT which layers are embeddings."""
 

@@ -111,7 +111,11 @@ def _describe_available(model: nn.Module) -> str:
 
 def _refusal(target: str, name: str, module: nn.Module, model: nn.Module) -> str:
     what = type(module).__name__
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) and module.weight.device.type == "meta":
+        why = ("it subclasses nn.Linear and overrides forward(), and on the meta device there are no weights to check that "
+               f"it still computes x Wᵀ + b; add LoRA after materialising the weights, or declare it with "
+               f"lora_edu.register_lora_layer({what}, lora_edu.LoRALinear)")
+    elif isinstance(module, nn.Linear):
         why = ("it subclasses nn.Linear but its forward() does not compute x Wᵀ + b, so a LoRA branch beside it "
                "would not be ΔW x; wrap it with your own LoRALayer subclass or target another layer")
     elif any(_wrappable(m) for m in module.children()):
