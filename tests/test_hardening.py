@@ -331,6 +331,20 @@ def test_use_rslora_that_is_not_a_boolean_is_refused_in_peft_config(tmp_path, va
     assert_unchanged(m, before)
 
 
+@pytest.mark.parametrize("field,value", [("modules_to_save", 5), ("modules_to_save", [None]), ("exclude_modules", {"a": 1}),
+                                         ("r", "8"), ("lora_alpha", True), ("lora_dropout", "0.1"), ("target_modules", 3)])
+def test_peft_config_fields_of_the_wrong_type_are_refused(tmp_path, field, value):
+    folder = L.save_adapter(adapted(), tmp_path / "peft", format="peft")
+    cfg = json.loads((folder / CONFIG_NAME).read_text())
+    cfg[field] = value
+    (folder / CONFIG_NAME).write_text(json.dumps(cfg))
+    m = net()
+    before = snapshot(m)
+    with pytest.raises(AdapterFileError, match=field):
+        L.load_adapter(m, folder)
+    assert_unchanged(m, before)
+
+
 def test_delete_active_adapter_that_covered_fewer_layers_activates_the_remaining_one():
     m = adapted(targets=["fc1", "fc2"], adapter="wide")
     L.add_lora(m, ["fc1"], r=2, alpha=4, adapter="narrow")  # active; fc2 has no 'narrow' so runs as its base

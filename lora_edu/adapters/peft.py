@@ -308,6 +308,10 @@ def read_peft_config(path: str | os.PathLike) -> dict:
     tm = cfg.get("target_modules")
     if not (isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(t, str) for t in tm))):
         raise AdapterFileError(f"{where}: target_modules must be a string (regex) or a list of names, got {tm!r}")
+    for field in ("exclude_modules", "modules_to_save"):
+        v = cfg.get(field)
+        if not (v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(t, str) and t for t in v))):
+            raise AdapterFileError(f"{where}: {field} must be null, a string or a list of module names, got {v!r}")
     if not isinstance(cfg.get("use_rslora", False), bool):
         raise AdapterFileError(f"{where}: use_rslora must be true or false, got {cfg['use_rslora']!r}")
     dropout = cfg.get("lora_dropout", 0.0)
