@@ -560,14 +560,29 @@ def test_trainable_module_that_is_or_contains_a_target_is_refused():
             self.block = Block()
             self.head = nn.Linear(4, 2)
 
-    for trainable, what in ((["block"], "contains"), (["inner"], "is")):
+    for trainable in (["block"], ["inner"]):
         m = Outer()
         before = snapshot(m)
-        with pytest.raises(ValueError, match=f"{what} the LoRA layer.*would unfreeze their base weights"):
+        with pytest.raises(ValueError, match="is, contains or shares weights with the LoRA layer.*would unfreeze their base"):
             L.add_lora(m, ["inner"], r=2, alpha=4, trainable_modules=trainable)
         assert_unchanged(m, before)
     m = L.add_lora(Outer(), ["inner"], r=2, alpha=4, trainable_modules=["head"])
     assert not m.block.inner.base.weight.requires_grad and m.head.weight.requires_grad
+
+
+def test_trainable_module_tied_to_a_target_is_refused():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(7, 4)
+            self.lm_head = nn.Linear(4, 7, bias=False)
+            self.lm_head.weight = self.emb.weight
+
+    m = Tied()
+    before = snapshot(m)
+    with pytest.raises(ValueError, match=r"'lm_head' is, contains or shares weights with the LoRA layer\(s\) \['emb'\]"):
+        L.add_lora(m, ["emb"], r=2, alpha=4, trainable_modules=["lm_head"])
+    assert_unchanged(m, before)
 
 
 def test_adapter_file_declaring_a_lora_layer_as_trainable_module_is_refused(tmp_path):
@@ -579,7 +594,7 @@ def test_adapter_file_declaring_a_lora_layer_as_trainable_module_is_refused(tmp_
     rewrite_native(path, spoil)
     m = net()
     before = snapshot(m)
-    with pytest.raises(AdapterFileError, match=r"trainable module 'fc1' is or contains the LoRA layer"):
+    with pytest.raises(AdapterFileError, match=r"trainable module 'fc1' is, contains or shares weights with the LoRA layer"):
         L.load_adapter(m, path)
     assert_unchanged(m, before)
 

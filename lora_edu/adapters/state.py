@@ -24,6 +24,7 @@ from lora_edu.core.inject import (
     base_module_names,
     freeze,
     lora_layers,
+    lora_overlap,
     set_adapter,
     set_submodule,
     set_trainable_modules,
@@ -203,10 +204,10 @@ def apply_adapter_state(model: nn.Module, state: AdapterState, cast: bool = Fals
     for m in declared:
         if m not in names:
             fail(f"the model has no module {m!r} (a trainable module of the adapter)")
-        inside = sorted(p for p in lora_paths if p == m or p.startswith(m + "."))
+        inside = lora_overlap(model, m, lora_paths)
         if inside:
-            fail(f"trainable module {m!r} is or contains the LoRA layer(s) {inside[:4]}; making it trainable would unfreeze "
-                 "their base weights, so the file is refused")
+            fail(f"trainable module {m!r} is, contains or shares weights with the LoRA layer(s) {inside[:4]}; making it "
+                 "trainable would unfreeze (and loading it would overwrite) their base weights, so the file is refused")
     extra_plan = []
     for key, t in state.modules.items():
         owner = next((m for m in declared if key.startswith(m + ".")), None)

@@ -39,6 +39,7 @@ __all__ = [
     "find_targets",
     "find_trainable_modules",
     "freeze",
+    "lora_overlap",
     "lora_B_parameters",
     "lora_layers",
     "lora_parameters",
@@ -219,11 +220,21 @@ def add_lora(
     return model
 
 
+def lora_overlap(model: nn.Module, module: str, lora_paths: Iterable[str]) -> list[str]:
+    """The LoRA layers (or targets) among ``lora_paths`` that ``module`` is, contains, or shares a parameter with (tied)."""
+    lora_paths = list(lora_paths)
+    shared = {id(p): n for n in lora_paths for p in model.get_submodule(n).parameters()}
+    hits = {n for n in lora_paths if n == module or n.startswith(module + ".")}
+    hits |= {shared[id(p)] for p in model.get_submodule(module).parameters() if id(p) in shared}
+    return sorted(hits)
+
+
 def find_trainable_modules(model: nn.Module, names: Sequence[str], targets: Iterable[str] = ()) -> list[str]:
     """Validate ``trainable_modules``: exact names or dotted suffixes of existing modules that hold no LoRA.
 
-    A trainable module must not be, or contain, a LoRA layer or one of ``targets`` (the layers
-    about to be wrapped): making it trainable would unfreeze their base weights.
+    A trainable module must not be, contain, or share a parameter with (tied weights) a LoRA
+    layer or one of ``targets`` (the layers about to be wrapped): making it trainable would
+    unfreeze their base weights.
     """
     names = [names] if isinstance(names, str) else list(names or ())
     out = []
@@ -236,10 +247,10 @@ def find_trainable_modules(model: nn.Module, names: Sequence[str], targets: Iter
         if not hits:
             raise ValueError(f"trainable module {t!r} not found; top-level modules: {[n for n, _ in model.named_children()]}")
         for n in hits:
-            inside = sorted(x for x in lora if x == n or x.startswith(n + "."))
+            inside = lora_overlap(model, n, lora)
             if inside:
                 raise ValueError(
-                    f"trainable module {n!r} {'is' if inside == [n] else 'contains'} the LoRA layer(s) {inside[:4]}: making it "
+                    f"trainable module {n!r} is, contains or shares weights with the LoRA layer(s) {inside[:4]}: making it "
                     "trainable would unfreeze their base weights. List only plain modules (e.g. a new head) in trainable_modules"
                 )
             out.append(n)
