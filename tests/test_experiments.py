@@ -55,3 +55,62 @@ def test_learn_forget_records():
     recs = learn_forget(src.make_model(), src, tgt, ranks=(1,), lrs=(1e-2,), full_lrs=(1e-2,), targets=["W"], **FAST)
     assert [r["method"] for r in recs] == ["base", "lora", "full"]
     assert recs[1]["target_loss"] <= recs[0]["target_loss"]
+
+
+# -----------------------------------------------------------------------------
+# replicas trained side by side (torch.func.vmap), learning-rate brackets, verdicts
+
+from lora_edu.lab.experiments import (  # noqa: E402
+    difference,
+    fine_tune_replicas,
+    fixed_eval_batches,
+    lora_scale_rule,
+    mean_se,
+    per_batch_losses,
+    sweep_then_seeds,
+    verdict,
+)
+from lora_edu.lab.models import GPT, GPTConfig  # noqa: E402
+
+
+def _tiny_lm():
+    torch.manual_seed(0)
+    _, code = data.lm_tasks(seed=0, block_size=8, max_chars=20_000)
+    return GPT(GPTConfig(vocab_size=code.vocab_size, block_size=8, n_layer=1, n_head=2, d_model=16, d_ff=32)), code
+
+
+def test_replicas_match_train_exactly():
+    """Replica (lr, seed) is what fine_tune trains with init_seed=seed, seed=seed, lr=lr: same init, batches, AdamW, clipping."""
+    base, code = _tiny_lm()
+    res = fine_tune_replicas(base, code, r=2, targets=("q_proj", "v_proj"), lrs=(1e-2, 3e-2), seeds=(0, 1), steps=6, batch_size=4, grad_clip=0.05)
+    for k, (lr, seed) in enumerate(zip(res.lrs, res.seeds)):
+        _, rec = fine_tune(base, code, "lora", r=2, targets=("q_proj", "v_proj"), init_seed=seed, seed=seed, lr=lr, steps=6, batch_size=4,
+                           grad_clip=0.05, eval_batches=None, eval_every=0, eval_at_start=False, progress=False, device="cpu")  # fmt: skip
+        assert abs(rec["code_loss"] - float(res.loss("code")[k])) < 1e-5, (lr, seed, rec["code_loss"], float(res.loss("code")[k]))
+    assert res.trainable == 2 * 2 * (16 + 16) and res.losses["code"].shape[0] == 4
+
+
+def test_full_replicas_and_eval_batches():
+    base, code = _tiny_lm()
+    res = fine_tune_replicas(base, code, method="full", lrs=(1e-3,), seeds=(3,), steps=3, batch_size=4, eval_batch_size=16, keep_models=True)
+    model = res.models[0]
+    per = per_batch_losses(model, fixed_eval_batches(code, None, 16))
+    assert torch.allclose(per, res.losses["code"][0], atol=1e-5)
+    assert abs(code.evaluate(model, batch_size=16)["loss"] - float(res.loss("code")[0])) < 1e-5
+
+
+def test_sweep_extends_grid_until_interior():
+    base, code = _tiny_lm()
+    rec = sweep_then_seeds(base, code, (1e-5, 3e-5, 1e-4), seeds=(0, 1, 2), max_extend=1, r=2, steps=5, batch_size=4)
+    assert len(rec["lr_sweep"]) == 4 and max(rec["lr_sweep"]) > 1e-4  # tiny lrs: the best is at the top edge, so the grid grows upward
+    assert rec["seeds"] == [0, 1, 2] and len(rec["code_seeds"]) == 3 and rec["code_batches"].shape[0] == 3
+    assert rec["lr_sweep"][rec["lr"]] == min(rec["lr_sweep"].values())
+
+
+def test_statistics_helpers():
+    m, se = mean_se([1.0, 2.0, 3.0])
+    assert m == 2.0 and abs(se - 1 / 3**0.5) < 1e-12
+    d, se = difference([1.0, 1.1, 0.9], [0.0, 0.1, -0.1])
+    assert abs(d - 1.0) < 1e-12 and verdict(d, se) == "reproduced" and verdict(-d, se) == "contradicted"
+    assert verdict(0.01, 0.1) == "not resolved at this scale"
+    assert lora_scale_rule("fixed", 16) == (2.0, False) and lora_scale_rule("2r", 16) == (32.0, False) and lora_scale_rule("rslora", 16) == (2.0, True)
