@@ -111,7 +111,7 @@ def test_merge_is_refused_with_what_to_do_and_nothing_changes():
     assert all(torch.equal(after[k], before[k]) for k in before)
 
 
-def test_requantising_loses_most_of_delta_W_while_a_bf16_copy_keeps_it():
+def test_requantising_adds_an_error_of_the_order_of_delta_W_while_a_bf16_copy_keeps_it():
     model = add_qlora(tiny_gpt(), TARGETS, r=4, alpha=8)
     randomize(model, std=0.02)
     err = merge_error(model.blocks[0].attn.q_proj)

@@ -13,7 +13,7 @@ policy: adapters are float32 on a low-precision base).  Two steps, both validate
 core wrap a quantised layer without knowing about it.
 
 Merging into a 4-bit base is refused: re-quantising W + ΔW snaps every weight back onto the 16
-levels of its block, and most of ΔW is lost (:func:`merge_error` measures it with
+levels of its block, an error of the order of ΔW itself (:func:`merge_error` measures it with
 :func:`lora_edu.variants.nf4.requantize_merge_error`).  Keep the adapter separate, or merge
 into a dequantised bf16/fp32 copy with :func:`merge_into_dequantized`.
 """
@@ -32,7 +32,8 @@ from lora_edu.variants.nf4 import MergeError, NF4Linear, requantize_merge_error
 __all__ = ["QLoRALinear", "quantize_linears", "add_qlora", "merge_error", "merge_into_dequantized", "MERGE_REFUSAL", "stored_bytes"]
 
 MERGE_REFUSAL = (
-    "cannot merge into a 4-bit NF4 base: re-quantising W + ΔW rounds most of ΔW away "
+    "cannot merge into a 4-bit NF4 base: re-quantising W + ΔW snaps every weight back onto its block's 16 levels, an error "
+    "of the order of ΔW itself "
     "(lora_edu.variants.qlora.merge_error(layer) measures how much). Keep the adapter separate (QLoRA eq. 5), "
     "or merge into a dequantised copy: lora_edu.variants.qlora.merge_into_dequantized(model, dtype=torch.bfloat16)"
 )
