@@ -7,7 +7,8 @@ The package tells the story in layers, each importing only the ones below it:
   check, parameter counting.  Start reading at ``lora_edu/core/layers.py``.
 * :mod:`lora_edu.adapters` — adapter files: one in-memory adapter state, the native
   safetensors format and Hugging Face PEFT's folder format.
-* :mod:`lora_edu.speed` — the fused ``LoRALinear`` path (:func:`fuse`) and multi-GPU training.
+* :mod:`lora_edu.speed` — the fused ``LoRALinear`` path (:func:`fuse`), many adapters in one batch
+  (:func:`adapter_batch`) and multi-GPU training.
 * :mod:`lora_edu.lab` — the course lab: offline data, small models, training, experiments,
   analysis, the guided tour.
 * :mod:`lora_edu.grading` — classroom exercises and their checker.
@@ -39,6 +40,7 @@ from lora_edu.core.inject import (
 from lora_edu.core.kinds import register_lora_layer
 from lora_edu.core.layers import LoRAEmbedding, LoRALayer, LoRALinear
 from lora_edu.speed.fused import FusedLoRALinear, fuse, unfuse
+from lora_edu.speed.mixed import adapter_batch
 
 __all__ = [
     "__version__",
@@ -53,6 +55,7 @@ __all__ = [
     "ParameterCount",
     "TOLERANCE",
     "active_adapter",
+    "adapter_batch",
     "adapter_names",
     "add_lora",
     "check_merge_equivalence",

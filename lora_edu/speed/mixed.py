@@ -1,0 +1,202 @@
+"""Many adapters in one batch: row i of the batch uses adapter ``names_per_row[i]`` (``None``: the base model).
+
+A server with one frozen base and many task adapters (S-LoRA, Punica; PEFT's
+``adapter_names=``) batches requests for different adapters together.  Row by row
+the function is the single-adapter one,
+
+    y[i] = x[i] Wᵀ + b + s_k · x[i] A_kᵀ B_kᵀ,      k = names_per_row[i]   (no branch when k is None)
+
+so a mixed batch must give, row for row, what running each row with its adapter
+alone gives (``tests/test_mixed.py`` checks that in float64 to 1e-12)::
+
+    with lora_edu.adapter_batch(model, ["code", None, "upper", "code"]):
+        y = model(x)                      # x: (4, T) — row 1 runs the plain base model
+
+How (no change to the core): inside the context every LoRA layer runs as its base layer
+(the flag ``disable_lora`` sets), and a forward hook adds each row's branch.  The
+branch of a :class:`~lora_edu.LoRALinear` is computed BGMV-style (Punica's batched
+gather matrix-vector product): the adapters the batch uses are stacked once per
+context, zero-padded to the largest rank with s folded into B and a zero adapter for
+base rows, and each row's factors are gathered, so one layer costs two gathers and two
+batched products whatever the number of adapters — no Python loop over rows or
+adapters.  A batch where every row asks for the same adapter takes two plain matrix
+products.  ``LoRAEmbedding`` rows are grouped by adapter (one ``lora_forward`` per
+adapter).
+
+Decisions:
+
+* a layer that lacks a requested adapter computes the base for those rows — exactly
+  what ``set_adapter(model, name)`` does on such a layer, so each row still equals its
+  adapter alone; a name that no layer of the model has is refused (``KeyError``);
+* refused: a merged model (ΔW of one adapter sits inside W for every row), use inside
+  ``disable_lora``, an input whose first dimension is not ``len(names_per_row)``, dropout
+  in training mode, and layers whose forward is not base + ``lora_forward`` (e.g. DoRA)
+  when rows ask for their adapters;
+* meant for inference; under autograd, gradients reach the factors that require them.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lora_edu.core.inject import adapter_names, lora_layers
+from lora_edu.core.layers import LoRAEmbedding, LoRALayer, LoRALinear
+
+__all__ = ["adapter_batch"]
+
+
+def _branch_kind(layer: LoRALayer) -> str | None:
+    """'linear' (stacked BGMV branch), 'grouped' (one lora_forward per adapter), or None (not base + lora_forward)."""
+    forward = type(layer).forward
+    if isinstance(layer, LoRALinear) and type(layer).lora_forward is LoRALinear.lora_forward:
+        from_core = forward is LoRALinear.forward or getattr(forward, "__module__", "") == "lora_edu.speed.fused"
+        return "linear" if from_core else None
+    if isinstance(layer, LoRAEmbedding) and forward is LoRAEmbedding.forward:
+        return "grouped"
+    return None
+
+
+class _LayerPlan:
+    """One layer's share of a mixed batch: which adapters it has, and each row's slot among them."""
+
+    def __init__(self, layer: LoRALayer, names_per_row: Sequence[str | None]) -> None:
+        self.layer = layer
+        self.kind = _branch_kind(layer)
+        used = [n for n in dict.fromkeys(names_per_row) if n is not None and n in layer.adapters]
+        self.names = used  # adapters of this layer that some row asks for, in order of first appearance
+        self.slot = [used.index(n) if n in used else len(used) for n in names_per_row]  # len(used): the zero adapter
+        self.uniform = used[0] if len(used) == 1 and all(s == 0 for s in self.slot) else None
+        self.rows = {n: [i for i, m in enumerate(names_per_row) if m == n] for n in used}
+        self._stack: dict = {}  # (device, dtype) -> (factor versions, A_stack, sB_stack)
+        self._index: dict = {}  # (device, adapter name or None) -> row indices on that device (no host copy per forward)
+
+    def index(self, device, name: str | None = None) -> torch.Tensor:
+        """Each row's slot (name None), or the rows that use ``name``, as a tensor on ``device`` (made once)."""
+        key = (device, name)
+        if key not in self._index:
+            self._index[key] = torch.tensor(self.slot if name is None else self.rows[name], device=device)
+        return self._index[key]
+
+    # --------------------------------------------------------------- LoRALinear: BGMV
+    def stacked(self, device, dtype):
+        """(A_stack (K+1, r_max, in), sB_stack (K+1, out, r_max), slot (rows,)), zero-padded, s folded into B, row K zero.
+
+        Rebuilt when a factor changed in place; kept when no gradient is needed, so a
+        stream of no-grad forwards stacks once.
+        """
+        layer = self.layer
+        factors = [layer.lora_factors(n) for n in self.names]
+        versions = tuple((A._version, B._version) for A, B in factors)
+        grad = torch.is_grad_enabled() and any(p.requires_grad for f in factors for p in f)
+        key = (device, dtype)
+        hit = self._stack.get(key)
+        if hit is not None and hit[0] == versions and not grad:
+            return hit[1], hit[2], self.index(device)
+        r_max = max(A.shape[0] for A, _ in factors)
+        with contextlib.nullcontext() if grad else torch.no_grad():  # differentiable only when a factor needs a gradient
+            As = [F.pad(A.to(dtype), (0, 0, 0, r_max - A.shape[0])) for A, _ in factors]  # (r, in) -> (r_max, in)
+            sBs = [F.pad((B * layer.adapters[n].scale).to(dtype), (0, r_max - B.shape[1]))  # (out, r) -> (out, r_max)
+                   for n, (_, B) in zip(self.names, factors)]
+            A_stack = torch.stack(As + [torch.zeros_like(As[0])])  # (K+1, r_max, in); row K: the base rows' zero adapter
+            B_stack = torch.stack(sBs + [torch.zeros_like(sBs[0])])  # (K+1, out, r_max)
+        if not grad:
+            self._stack[key] = (versions, A_stack, B_stack)
+        return A_stack, B_stack, self.index(device)
+
+    def linear_branch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y + each row's s·x Aᵀ Bᵀ.  x (R, …, in), y (R, …, out)."""
+        layer = self.layer
+        A0 = layer.lora_factors(self.names[0])[0]
+        dev = x.device.type
+        autocast = dev in ("cuda", "cpu", "xpu") and torch.is_autocast_enabled(dev) and x.dtype != torch.float64
+        # The plain branch casts x to the adapters' dtype and multiplies (autocast then casts to its dtype): the same here.
+        dtype = torch.get_autocast_dtype(dev) if autocast else A0.dtype
+        R = x.shape[0]
+        x3 = x.reshape(R, -1, x.shape[-1]).to(dtype)  # (R, …, in) -> (R, T, in)
+        with torch.autocast(dev, enabled=False) if autocast else contextlib.nullcontext():
+            if self.uniform is not None:  # every row, one adapter: two plain products, s applied as in lora_forward
+                A, B = layer.lora_factors(self.uniform)
+                x2 = x3.reshape(-1, x3.shape[-1])  # (R·T, in)
+                delta = (x2 @ A.to(dtype).T @ B.to(dtype).T) * layer.adapters[self.uniform].scale  # (R·T, out)
+            else:
+                A_stack, sB_stack, slot = self.stacked(x.device, dtype)
+                A_rows = A_stack.index_select(0, slot)  # (R, r_max, in): each row's A (zeros for base rows)
+                sB_rows = sB_stack.index_select(0, slot)  # (R, out, r_max): each row's s·B
+                u = torch.bmm(x3, A_rows.transpose(1, 2))  # (R, T, in) @ (R, in, r_max) -> (R, T, r_max)
+                delta = torch.bmm(u, sB_rows.transpose(1, 2))  # (R, T, r_max) @ (R, r_max, out) -> (R, T, out)
+        return y + delta.reshape(y.shape).to(y.dtype)
+
+    # --------------------------------------------------------------- any layer: one lora_forward per adapter
+    def grouped_branch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        for name in self.names:
+            idx = self.index(x.device, name)
+            delta = self.layer.lora_forward(x.index_select(0, idx), name)  # (rows of this adapter, …, out)
+            y = y.index_add(0, idx, delta.to(y.dtype))
+        return y
+
+    def hook(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        if x.shape[0] != len(self.slot):
+            raise ValueError(f"adapter_batch: {len(self.slot)} names for a batch of {x.shape[0]} rows (input shape "
+                             f"{tuple(x.shape)}); give one adapter name (or None) per row of the batch")
+        if not self.names:
+            return output  # no row asks for an adapter this layer has: the base, which the layer computed
+        if module.training and any(module.adapters[n].dropout > 0 for n in self.names):
+            raise RuntimeError("adapter_batch: dropout in training mode is not supported (each row would need its adapter's "
+                               "mask); call model.eval() for a mixed-adapter batch")
+        if self.kind == "linear":
+            return self.linear_branch(x, output)
+        return self.grouped_branch(x, output)
+
+
+@contextlib.contextmanager
+def adapter_batch(model: nn.Module, names_per_row: Sequence[str | None]):
+    """Context manager: inside it, row i of every batch ``model`` sees uses adapter ``names_per_row[i]`` (None: base).
+
+    Each row computes what it would compute alone with ``set_adapter(model, name)`` (or
+    ``disable_lora`` for None).  Everything is checked before anything changes; on exit the
+    layers are as before.  See the module docstring for what is refused.
+    """
+    if isinstance(names_per_row, str) or not isinstance(names_per_row, Sequence):
+        raise TypeError(f"names_per_row must be a list with one adapter name (or None) per row, got {names_per_row!r}")
+    names_per_row = list(names_per_row)
+    if not names_per_row:
+        raise ValueError("names_per_row is empty: give one adapter name (or None) per row of the batch")
+    bad = [n for n in names_per_row if n is not None and not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"names_per_row holds adapter names (str) or None, got {bad[0]!r}")
+    layers = [layer for _, layer in lora_layers(model)]
+    if not layers:
+        raise ValueError("the model has no LoRA layers; call add_lora(model, targets=..., r=..., alpha=...) first")
+    known = adapter_names(model)
+    unknown = sorted({n for n in names_per_row if n is not None} - set(known))
+    if unknown:
+        raise KeyError(f"no adapter {unknown[0]!r} in the model; available: {known}")
+    merged = [n for n, layer in lora_layers(model) if layer.merged]
+    if merged:
+        raise RuntimeError(f"adapter {model.get_submodule(merged[0]).merged_adapter!r} is merged at {merged[0]!r}: every row would "
+                           "get its ΔW. unmerge_lora(model) before running a mixed-adapter batch")
+    disabled = [n for n, layer in lora_layers(model) if layer.disabled]
+    if disabled:
+        raise RuntimeError(f"adapter_batch inside disable_lora() (e.g. {disabled[0]!r} is disabled): leave disable_lora first, "
+                           "or pass None for rows that should run the base model")
+    plans = [_LayerPlan(layer, names_per_row) for layer in layers]
+    unsupported = [(n, type(layer).__name__) for (n, layer), p in zip(lora_layers(model), plans) if p.names and p.kind is None]
+    if unsupported:
+        raise TypeError(f"adapter_batch: {unsupported[0][0]!r} is a {unsupported[0][1]}, whose forward is not base + lora_forward "
+                        "(e.g. DoRA); mixed-adapter batches support LoRALinear (plain or fused), QLoRALinear and LoRAEmbedding")
+    handles = []
+    try:
+        for plan in plans:
+            plan.layer.disabled = True  # the layer computes its base; the hook adds each row's branch
+            handles.append(plan.layer.register_forward_hook(plan.hook))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+        for plan in plans:
+            plan.layer.disabled = False
