@@ -4,6 +4,7 @@ Oracles: Ŵ = dequantize_nf4(q, float64) and the QLoRA eq. 5 forward x Ŵᵀ + b
 float64; requantize_merge_error (lora_edu.variants.nf4) for what merging would cost.
 """
 import copy
+import math
 
 import pytest
 import torch
@@ -196,3 +197,21 @@ def test_training_on_nf4_reduces_the_loss():
     result = train(model, Task(), steps=20, lr=1e-2, batch_size=64, progress=False, device="cpu")
     assert result.final["loss"] < result.history[0]["val_loss"] - 0.05
     assert result.trainable_params == 8 * 4 * (64 + 64)
+
+
+def test_variants_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
+    """benchmarks/variants_gpu.py end to end at a tiny size, with bf16 weights and autocast as on CUDA."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import variants_gpu
+
+    res = variants_gpu.main(["--tiny", "--device", "cpu", "--cpu-bf16", "--steps", "1", "--warmup", "0", "--out-dir", str(tmp_path)])
+    rows = {r["name"]: r for r in res["rows"]}
+    assert set(rows) == set(variants_gpu.ROWS) and all(r["ms_per_step"] > 0 and math.isfinite(r["loss"]) for r in rows.values())
+    assert rows["QLoRA, NF4 base"]["weights_MiB"] < rows["LoRA, bf16 base"]["weights_MiB"] < rows["LoRA, fp32 base"]["weights_MiB"]
+    assert rows["DoRA, bf16 base"]["trainable"] > rows["LoRA, bf16 base"]["trainable"]  # + m, one per output unit
+    assert json.loads((tmp_path / "variants_gpu_tiny.json").read_text())["meta"]["bf16"] is True
+    assert "| QLoRA, NF4 base |" in (tmp_path / "variants_gpu_tiny.md").read_text()
