@@ -64,8 +64,8 @@ def _class(subs: Path, out: Path, victim: Path, escapee: str) -> dict[str, list[
     stub = lambda: make_student_notebook(_source("lora_linear"))  # noqa: E731
     wrong_llama = _edit(_source("param_savings"), "+ 2 * V * d + d  # + embeddings, head, final norm", "+ V * d + d  # head forgotten")
     grading_file = REPO / "lora_edu" / "grading" / "ex_lora_linear.py"
-    patch_checker = (
-        "import lora_edu.grading.checks as checks\n"
+    patch_checker = (  # written so that no source flag sees it: only the checker snapshot can
+        "checks = __import__('lora_edu' + '.grad' + 'ing.che' + 'cks', fromlist=['x'])\n"
         "for ex in checks.EXERCISES.values():\n"
         "    for case in ex.cases:\n"
         "        case.fn = lambda sub: None  # every case passes\n")
@@ -190,11 +190,12 @@ def test_class_run(tmp_path):
     assert 0 < pts["fay"] < 0.5 * full and "INTEGRITY" not in flags["fay"]
     # the cheats: flagged and zero, or the stub they are
     stub_pts = max(pts["fay"], 2.0)
-    for s, why in (("gus", "lora_edu.core.layers"), ("hal", "checker"), ("ivy", "grading code"), ("jay", "/proc"),
+    for s, why in (("gus", "lora_edu.core.layers"), ("hal", "checker's objects"), ("ivy", "grading code"), ("jay", "/proc"),
                    ("kim", "result")):
         assert pts[s] <= stub_pts, (s, pts[s])
         assert "INTEGRITY" in flags[s] and why in flags[s], (s, flags[s])
     assert pts["gus"] == 0 and pts["hal"] == 0 and pts["kim"] == 0
+    assert "changed the checker's objects" in flags["hal"] and "In [" not in flags["hal"]  # caught at run time only
     assert rows["zoe"]["total"] == "0.0" and "no submission" in rows["zoe"]["flags"]
 
     # ---- per-submission feedback
@@ -221,9 +222,10 @@ def test_class_run(tmp_path):
     assert {m["Email address"] for m in moodle} == {f"{s}@uni.example" for s in rows}
     assert next(m for m in moodle if m["Username"] == "ada")["LoRA exercises"] == "52"
 
+    raw = {(d["student"], d["exercise"]): d["points_before_flags"] for d in details}
     table = (f"class run: {len(originals)} notebooks graded in {seconds:.0f} s\n"
-             + "\n".join(f"{s:4s} {r['lora_linear (42)']:>5} {r['param_savings (10)']:>5} {r['total']:>6} {r['percent']:>6}  {r['flags'][:150]}"
-                         for s, r in rows.items()))
+             + "\n".join(f"{s:4s} {r['lora_linear (42)']:>5} (unflagged {raw.get((s, 'lora_linear'), '-'):>5}) "
+                         f"{r['param_savings (10)']:>5} {r['total']:>6} {r['percent']:>6}  {r['flags']}" for s, r in rows.items()))
     print(table)
     if os.environ.get("LORA_EDU_CLASS_TABLE"):
         Path(os.environ["LORA_EDU_CLASS_TABLE"]).write_text(table + "\n", encoding="utf-8")

@@ -74,11 +74,26 @@ def _watched_namespaces() -> list[tuple[str, dict]]:
     for name, mod in sorted(sys.modules.items()):
         if name.startswith("lora_edu.grading") and isinstance(mod, types.ModuleType):
             spaces.append((name, vars(mod)))
-    for label, obj in (("torch", torch), ("torch.Tensor", torch.Tensor), ("torch.nn.Module", nn.Module),
-                       ("torch.nn.Linear", nn.Linear), ("torch.nn.functional", F), ("torch.linalg", torch.linalg),
-                       ("torch.nn.init", nn.init), ("torch.random", torch.random)):
-        spaces.append((label, {k: v for k, v in vars(obj).items() if not k.startswith("_") or k in ("__call__", "__init__")}))
+    for label, obj in (("torch", torch), ("torch.nn.functional", F), ("torch.linalg", torch.linalg), ("torch.nn.init", nn.init),
+                       ("torch.random", torch.random)):
+        spaces.append((label, {k: v for k, v in vars(obj).items() if not k.startswith("_")}))
+    for label, cls in (("torch.Tensor", torch.Tensor), ("torch.nn.Module", nn.Module), ("torch.nn.Linear", nn.Linear),
+                       ("torch.nn.Parameter", nn.Parameter)):
+        # what attribute lookup finds, inherited from C base classes included (a patch adds an entry that shadows them)
+        names = [k for k in dir(cls) if not k.startswith("_") or k in _DUNDERS]
+        spaces.append((label, {k: _lookup(cls, k) for k in names}))
     return spaces
+
+
+_DUNDERS = {"__call__", "__init__", "__add__", "__sub__", "__mul__", "__matmul__", "__truediv__", "__neg__", "__abs__", "__eq__",
+            "__lt__", "__le__", "__gt__", "__ge__", "__getattr__", "__getattribute__", "__setattr__", "__float__", "__bool__"}
+
+
+def _lookup(cls: type, name: str):
+    for klass in cls.__mro__:
+        if name in vars(klass):
+            return vars(klass)[name]
+    return None
 
 
 def _function_state(fn) -> tuple:

@@ -205,12 +205,13 @@ FORMATS = {"plain": format_plain, "canvas": format_canvas, "moodle": format_mood
 
 
 def submissions_csv(graded: list[Graded]) -> bytes:
-    header = ["file", "student", "exercise", "points", "possible", "score", "failed_cases", "flags", "error", "cell_errors", "seconds",
-              "ran_as"]
+    header = ["file", "student", "exercise", "points", "possible", "score", "points_before_flags", "failed_cases", "flags", "error",
+              "cell_errors", "seconds", "ran_as"]
     rows = []
     for g in graded:
         r = g.result
         rows.append([g.file, g.student, g.exercise, round(g.points, 4), g.possible, round(g.points / g.possible, 4) if g.possible else 0,
+                     round(r.points, 4) if r is not None else 0,
                      "; ".join(c.name for c in r.failed) if r is not None else "", " | ".join(g.flags), g.error, " | ".join(g.cell_errors)[:2000],
                      f"{g.seconds:.1f}", g.user])
     return _csv_bytes(header, rows)

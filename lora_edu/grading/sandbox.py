@@ -214,14 +214,15 @@ def _run_in(tmp: Path, content, filename, exercise, variant, limits: Limits, uid
     if uid is not None:
         kwargs = {"user": uid, "group": uid, "extra_groups": []}
     try:
-        proc = subprocess.Popen([python, "-I", "-c", boot, str(pkg_parent), json.dumps(_site_dirs())], cwd=work, env=env, stdin=cfg_r,
-                                stdout=out_w, stderr=out_w, pass_fds=(res_w,), start_new_session=True, umask=0o077, **kwargs)
+        with _LIVE_LOCK:  # registered before any tree kill can look: a sibling's kill never mistakes it for an orphan
+            proc = subprocess.Popen([python, "-I", "-c", boot, str(pkg_parent), json.dumps(_site_dirs())], cwd=work, env=env,
+                                    stdin=cfg_r, stdout=out_w, stderr=out_w, pass_fds=(res_w,), start_new_session=True, umask=0o077,
+                                    **kwargs)
+            _LIVE_ROOTS.add(proc.pid)
     except OSError as e:
         for fd in (res_r, res_w, cfg_r, cfg_w, out_r, out_w):
             os.close(fd)
         return SubmissionRun(None, f"could not start the grading process: {e}", seconds=time.monotonic() - start)
-    with _LIVE_LOCK:
-        _LIVE_ROOTS.add(proc.pid)
     for fd in (res_w, cfg_r, out_w):
         os.close(fd)
     config = {"key": key.hex(), "result_fd": res_w, "notebook": nb_path.name, "exercise": exercise, "variant": variant,
@@ -393,12 +394,16 @@ def _proc_table() -> dict[int, tuple[int, int, int]]:
     return table
 
 
-def _has_mark(pid: int, mark: str) -> bool:
+def _mark_of(pid: int) -> str | None:
+    """The submission mark in a process's environment (None: none, or unreadable)."""
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
-            return f"LORA_EDU_GRADING_MARK={mark}".encode() in f.read().split(b"\0")
+            for item in f.read().split(b"\0"):
+                if item.startswith(b"LORA_EDU_GRADING_MARK="):
+                    return item.split(b"=", 1)[1].decode(errors="replace")
     except OSError:
-        return False
+        pass
+    return None
 
 
 def _set_subreaper(on: bool) -> None:
@@ -428,36 +433,21 @@ def kill_tree(root: int, mark: str, uid: int | None) -> None:
     if os.name != "posix":  # pragma: no cover
         return
     for _ in range(50):
-        table = _proc_table()
-        if not table:  # no /proc: fall back to the session's process group
-            try:
-                os.killpg(root, signal.SIGKILL)
-            except OSError:
-                pass
-            return
-        with _LIVE_LOCK:
-            others = _LIVE_ROOTS - {root}
-        doomed = []
-        for pid, (ppid, psid, puid) in table.items():
-            if pid == me:
-                continue
-            chain, p = [], pid
-            while p in table and p not in chain and p not in (0, 1, me):
-                chain.append(p)
-                p = table[p][0]
-            if root in chain or psid == sid:
-                doomed.append(pid)
-            elif any(o in chain for o in others):
-                continue
-            elif p == me and pid != root and pid not in others and (_has_mark(pid, mark) or (uid is not None and puid == uid)):
-                doomed.append(pid)  # an orphan re-parented to us (subreaper)
+        with _LIVE_LOCK:  # no sibling starts while we decide and kill
+            doomed = _doomed(root, sid, me, mark, uid, _LIVE_ROOTS - {root})
+            if doomed is None:  # no /proc: fall back to the session's process group
+                try:
+                    os.killpg(root, signal.SIGKILL)
+                except OSError:
+                    pass
+                return
+            for pid in doomed:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
         if not doomed:
             return
-        for pid in doomed:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
         for pid in doomed:
             if pid != root:
                 try:
@@ -465,6 +455,29 @@ def kill_tree(root: int, mark: str, uid: int | None) -> None:
                 except (ChildProcessError, OSError):
                     pass
         time.sleep(0.02)
+
+
+def _doomed(root: int, sid: int, me: int, mark: str, uid: int | None, others: set[int]) -> list[int] | None:
+    table = _proc_table()
+    if not table:
+        return None
+    doomed = []
+    for pid, (ppid, psid, puid) in table.items():
+        if pid == me:
+            continue
+        chain, p = [], pid
+        while p in table and p not in chain and p not in (0, 1, me):
+            chain.append(p)
+            p = table[p][0]
+        if root in chain or psid == sid:
+            doomed.append(pid)
+        elif any(o in chain for o in others) or p != me or pid in others:
+            continue
+        else:  # an orphan re-parented to us (subreaper): ours if it carries our mark, or no mark and runs as the child's user
+            m = _mark_of(pid)
+            if m == mark or (m is None and uid is not None and puid == uid):
+                doomed.append(pid)
+    return doomed
 
 
 # ----------------------------------------------------------------------------- inside the child
