@@ -5,6 +5,7 @@ The package tells the story in layers, each importing only the ones below it:
 * :mod:`lora_edu.core` — the LoRA core: ``LoRALinear`` / ``LoRAEmbedding`` (W frozen,
   ΔW = s·B A), ``add_lora`` by name, named adapters, merge with a measured equivalence
   check, parameter counting.  Start reading at ``lora_edu/core/layers.py``.
+* :mod:`lora_edu.variants` — beyond plain LoRA: QLoRA's NF4 base, DoRA, PiSSA initialisation.
 * :mod:`lora_edu.adapters` — adapter files: one in-memory adapter state, the native
   safetensors format and Hugging Face PEFT's folder format.
 * :mod:`lora_edu.speed` — the fused ``LoRALinear`` path (:func:`fuse`), many adapters in one batch
@@ -41,11 +42,13 @@ from lora_edu.core.kinds import register_lora_layer
 from lora_edu.core.layers import LoRAEmbedding, LoRALayer, LoRALinear
 from lora_edu.speed.fused import FusedLoRALinear, fuse, unfuse
 from lora_edu.speed.mixed import adapter_batch
+from lora_edu.variants import DoRALinear, QLoRALinear, add_dora, add_pissa, add_qlora, quantize_linears
 
 __all__ = [
     "__version__",
     "AdapterConfig",
     "AdapterFileError",
+    "DoRALinear",
     "FusedLoRALinear",
     "LayerCount",
     "LoRAEmbedding",
@@ -53,11 +56,15 @@ __all__ = [
     "LoRALinear",
     "MergeReport",
     "ParameterCount",
+    "QLoRALinear",
     "TOLERANCE",
     "active_adapter",
     "adapter_batch",
     "adapter_names",
+    "add_dora",
     "add_lora",
+    "add_pissa",
+    "add_qlora",
     "check_merge_equivalence",
     "count_parameters",
     "delete_adapter",
@@ -72,6 +79,7 @@ __all__ = [
     "lora_layers",
     "lora_parameters",
     "merge_lora",
+    "quantize_linears",
     "read_adapter_config",
     "register_lora_layer",
     "save_adapter",
