@@ -54,11 +54,13 @@ class _MergedFactors:
 
 
 def _after_load(layer: LoRALayer, incompatible_keys) -> None:
-    """``load_state_dict`` post-hook: a layer loaded as merged remembers the factors it was merged with;
-    only the loaded active adapter is trainable, and only when unmerged."""
+    """``load_state_dict`` post-hook: a layer loaded as merged remembers (and freezes) the factors it was merged
+    with; a layer whose active or merged adapter the load changed makes only the new active one trainable."""
     if layer.merged_adapter is not None:
         layer._remember_merged(layer.merged_adapter)
-    layer.set_adapter(layer.active_adapter)
+    if layer._state_changed_by_load:
+        layer._state_changed_by_load = False
+        layer.set_adapter(layer.active_adapter)
 
 
 class LoRALayer(nn.Module):
@@ -82,6 +84,7 @@ class LoRALayer(nn.Module):
         self.active_adapter: str | None = None
         self.disabled = False  # set by lora_edu.disable_lora(): run the plain base layer
         self._merged: _MergedFactors | None = None
+        self._state_changed_by_load = False
         self.register_load_state_dict_post_hook(_after_load)
 
     # ------------------------------------------------------------------ adapters
@@ -272,6 +275,7 @@ class LoRALayer(nn.Module):
                                    "build the model with the same adapters (add_lora) before load_state_dict")
         if merged is not None and active != merged:
             raise RuntimeError(f"the state dict says adapter {merged!r} is merged but {active!r} is active; it is damaged")
+        self._state_changed_by_load = (active, merged) != (self.active_adapter, self.merged_adapter)
         self.active_adapter = active
         # The factors are loaded after this call; _after_load records them and sets requires_grad.
         self._merged = _MergedFactors(merged, torch.empty(0), torch.empty(0), 0.0, (0, 0)) if merged else None
