@@ -18,7 +18,11 @@ from lora_edu.variants import DoRALinear, add_dora, add_pissa, apply_converted, 
 
 peft = pytest.importorskip("peft")
 
-TOL32 = 1e-6  # float32 outputs of order 1: a few ulps of different summation orders
+TOL32 = 1e-6  # relative, float32: a few ulps of different summation orders (measured: 1.6e-7 and 2.3e-7 relative, 3.6e-7 and 1.2e-6 absolute)
+
+
+def rel(a, b) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 class Toy(nn.Module):
@@ -63,11 +67,11 @@ def test_peft_dora_folder_loads_and_our_save_loads_in_peft(tmp_path, rslora):
     ours = lora_edu.load_adapter(copy.deepcopy(base), tmp_path / "peft")
     assert isinstance(ours.q, DoRALinear) and isinstance(ours.v, DoRALinear)
     with torch.no_grad():
-        assert (ours(x) - pm(x)).abs().max() < TOL32
+        assert rel(ours(x), pm(x)) < TOL32
     lora_edu.save_adapter(ours, tmp_path / "ours", format="peft")
     back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
     with torch.no_grad():
-        assert (back(x) - ours(x)).abs().max() < TOL32
+        assert rel(back(x), ours(x)) < TOL32
     # merged: W' written into W, as PEFT's merge_and_unload
     merged = back.merge_and_unload()
     lora_edu.merge_lora(ours)
@@ -90,7 +94,7 @@ def test_peft_in_memory_state_dict_keys_are_understood(tmp_path):
     assert cfg["use_dora"] is True
     ours = lora_edu.load_adapter(copy.deepcopy(base), tmp_path / "p")
     with torch.no_grad():
-        assert (ours(x) - pm(x)).abs().max() < TOL32
+        assert rel(ours(x), pm(x)) < TOL32
 
 
 def test_dora_on_gpt2_conv1d_matches_peft(tmp_path):
@@ -137,7 +141,7 @@ def test_pissa_init_matches_peft_up_to_signs():
         assert (layer.B - sign_align(layer.B.T, B.T, 1).T).abs().max() < 1e-5
         assert (layer.base.weight - sd[f"base_model.model.{n}.base_layer.weight"]).abs().max() < 1e-5
     with torch.no_grad():
-        assert (ours(x) - pm(x)).abs().max() < TOL32
+        assert rel(ours(x), pm(x)) < TOL32
 
 
 def test_pissa_conversion_matches_peft(tmp_path):
@@ -169,8 +173,8 @@ def test_pissa_conversion_matches_peft(tmp_path):
     theirs = lora_edu.load_adapter(copy.deepcopy(base), tmp_path / "converted")
     mine = apply_converted(copy.deepcopy(base), pissa_to_lora(ours))
     with torch.no_grad():
-        assert (mine(x) - theirs(x)).abs().max() < TOL32
-        assert (mine(x) - pm(x)).abs().max() < TOL32  # and both equal the trained PiSSA model
+        assert rel(mine(x), theirs(x)) < TOL32
+        assert rel(mine(x), pm(x)) < TOL32  # and both equal the trained PiSSA model
     for n in ("q", "v"):
         assert mine.get_submodule(n).r == theirs.get_submodule(n).r == 8
         assert (mine.get_submodule(n).A - theirs.get_submodule(n).A).abs().max() == 0
