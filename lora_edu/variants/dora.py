@@ -203,8 +203,8 @@ class DoRALinear(LoRALinear):
 
     def set_extra_state(self, state) -> None:
         super().set_extra_state(state)
-        fields = json.loads(bytes(state.tolist()).decode()) if isinstance(state, torch.Tensor) else {}
-        norm = fields.get("dora_norm") if isinstance(fields, dict) else None
+        text = bytes(state.tolist()).decode() if isinstance(state, torch.Tensor) else ""
+        norm = json.loads(text).get("dora_norm") if text.startswith("{") else None  # the core's first format has no JSON
         if self.merged and not (isinstance(norm, list) and len(norm) == self.out_features):
             raise RuntimeError("the state dict marks this DoRA layer as merged but lacks its norms ‖V‖_c; it cannot be "
                                "unmerged. Save the model unmerged (unmerge_lora before state_dict)")
