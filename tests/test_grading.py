@@ -55,6 +55,14 @@ def test_solution_passes_inject_train():
     assert r.passed, str(r)
 
 
+@pytest.mark.parametrize("name", list(EXERCISES))
+@pytest.mark.parametrize("secret", ["term-1", "term-2"])
+def test_solution_passes_the_hidden_variant(name, secret):
+    """Shapes, seeds and values drawn from an instructor secret: the solutions pass them all."""
+    r = check(name, submission(name), secret=secret)
+    assert r.passed and r.variant == "hidden", str(r)
+
+
 def _run_student_copy(name: str) -> dict:
     """Execute a generated student copy in-process (our own stubs: trusted), continuing past errors."""
     nb = make_student_notebook(read_notebook(select([name])[0]))

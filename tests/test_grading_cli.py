@@ -168,3 +168,38 @@ def test_every_handout_says_how_to_work_check_and_submit():
         # only the last check cell may stop Run All: every other check prints ✓ / ✗
         asserts = [k for k, src in enumerate(code) if "\nassert " in "\n" + src]
         assert all("# SELF-CHECK" in code[k] for k in asserts), path.name
+
+
+def test_file_name_and_metadata_that_disagree_are_flagged(tmp_path):
+    from lora_edu.grading.cli_grade import _prepare, student_of
+
+    nb = read_notebook(select(["param_savings"])[0])
+    content = json.dumps(nb).encode()
+    item = _prepare(tmp_path / "alice_01_lora_linear.ipynb", None, content, "", None)
+    assert item["exercise"] == "param_savings" and item["student"] == "alice"
+    assert any("names lora_linear but the notebook's metadata says param_savings" in n for n in item["notes"])
+    assert _prepare(tmp_path / "alice_04_param_savings.ipynb", None, content, "", None)["notes"] == []
+    assert student_of(tmp_path / "subs" / "bob" / "x" / "01_lora_linear.ipynb", tmp_path / "subs") == "bob"
+    broken = _prepare(tmp_path / "carol.ipynb", None, b"{not json", "", None)
+    assert "not a readable notebook" in broken["error"]
+
+
+def test_grading_aborts_when_the_grading_code_changes(tmp_path, monkeypatch, capsys):
+    """A changed checksum of the grading code between two submissions stops the run, loudly, and writes nothing."""
+    from lora_edu.grading import cli_grade
+
+    subs = tmp_path / "subs"
+    for who in ("alice", "bob"):
+        write_notebook(read_notebook(select(["param_savings"])[0]), subs / who / "04_param_savings.ipynb")
+    calls = {"n": 0}
+    real = cli_grade.tree_fingerprint
+
+    def fingerprint(folder):
+        calls["n"] += 1
+        return real(folder) + ("changed" if calls["n"] > 2 else "")  # unchanged at the start, changed after the first submission
+
+    monkeypatch.setattr(cli_grade, "tree_fingerprint", fingerprint)
+    out = tmp_path / "grades.csv"
+    assert main(["grade", str(subs), "--out", str(out), "--secret", "s"]) == 3
+    assert "ABORTED" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "grades_feedback").exists()

@@ -18,8 +18,7 @@ from lora_edu.grading import battery
 from lora_edu.grading.checks import EXERCISES
 from lora_edu.grading.integrity import CheckerSnapshot, answer_flags, source_flags, tree_fingerprint
 from lora_edu.grading.notebooks import code_cells, make_student_notebook, read_notebook, source_notebooks
-from lora_edu.grading.sandbox import _FRAME, kill_tree, subreaper
-from lora_edu.grading.sandbox import _verify as verify_frame
+from lora_edu.grading.sandbox import FRAME, kill_tree, subreaper, verify_frame
 
 # ----------------------------------------------------------------------------- the checker in memory
 
@@ -110,7 +109,7 @@ def test_tree_fingerprint_sees_one_byte(tmp_path):
 
 def _frame(key: bytes, payload: dict) -> bytes:
     body = json.dumps(payload).encode()
-    return _FRAME.pack(len(body)) + hmac.new(key, body, hashlib.sha256).digest() + body
+    return FRAME.pack(len(body)) + hmac.new(key, body, hashlib.sha256).digest() + body
 
 
 def test_result_frame_needs_the_key_and_is_alone():

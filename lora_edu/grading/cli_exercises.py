@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from .checks import EXERCISES
-from .notebooks import SourcesNotFound, read_notebook, select, write_copies, write_notebook
+from .notebooks import SourcesNotFound, notebook_exercise, read_notebook, select, write_copies, write_notebook
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -57,8 +57,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _nbgrader_course(course: Path, names, force: bool, source) -> list[Path]:
     """source/<exercise>/<notebook>.ipynb for each exercise: nbgrader's assignment name is the checker name."""
-    from .notebooks import notebook_exercise
-
     written = []
     chosen = select(names, source)
     for src in chosen:

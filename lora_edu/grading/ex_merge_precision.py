@@ -42,7 +42,7 @@ def make_layer(dtype: torch.dtype, seed: int, d_in: int = 48, d_out: int = 40, r
     if variant_seed():  # graded run: shapes and values drawn from the grading secret
         rng = case_random(f"layer{seed}")
         d_in, d_out, r, alpha = rng.randint(32, 64), rng.randint(24, 56), rng.randint(2, 8), round(rng.uniform(3.0, 12.0), 2)
-    g = torch.Generator().manual_seed(seed + 7919 * variant_seed())
+    g = torch.Generator().manual_seed((seed + 7919 * variant_seed()) % 2**63)
     base = nn.Linear(d_in, d_out, bias=True)
     with torch.no_grad():
         base.weight.copy_(torch.randn(d_out, d_in, generator=g) * 0.02)

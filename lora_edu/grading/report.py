@@ -80,8 +80,12 @@ def feedback_markdown(g: Graded) -> str:
             pts = "optional (not counted)" if c.optional else f"{c.earned:g} / {c.points:g}"
             lines.append(f"| {mark} | {_md(c.name)} | {pts} |")
         lines.append("")
+        blocked = [c for c in r.cases if not c.passed and c.got.startswith("cannot be tested")]
+        if blocked:
+            lines += [f"{len(blocked)} case(s) could not be tested until the first failure below is fixed: "
+                      + "; ".join(c.name for c in blocked), ""]
         for c in r.cases:
-            if c.passed and not c.got:
+            if (c.passed and not c.got) or c in blocked:
                 continue
             lines += [f"### {'✓' if c.passed else '✗'} {c.name}", ""]
             if c.got:

@@ -60,13 +60,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checks import EXERCISES, check
-from .integrity import CheckerSnapshot, answer_flags, package_root
+from .integrity import CheckerSnapshot, answer_flags, package_root, tree_fingerprint
 from .notebooks import GRADED_MARKER, SELF_CHECK_MARKER, code_cells
+from .result import CheckResult
 
-__all__ = ["Limits", "SubmissionRun", "run_submission", "pristine_package", "child_main", "kill_tree", "subreaper"]
+__all__ = ["FRAME", "Limits", "SubmissionRun", "run_submission", "pristine_package", "child_main", "kill_tree", "subreaper", "verify_frame"]
 
 NOBODY = 65534
-_FRAME = struct.Struct(">Q")  # payload length, then 32 bytes of MAC, then the payload
+FRAME = struct.Struct(">Q")  # payload length, then 32 bytes of MAC, then the payload
 MAX_RESULT_BYTES = 4 << 20
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -189,8 +190,6 @@ def _run_in(tmp: Path, content, filename, exercise, variant, limits: Limits, uid
     pkg = pkg_parent / "lora_edu"
     shutil.copytree(source_pkg, pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"), symlinks=True)
     _read_only(pkg_parent)
-    from .integrity import tree_fingerprint
-
     pkg_before = tree_fingerprint(pkg)
     work = tmp / secrets.token_hex(8)
     work.mkdir(mode=0o700)
@@ -262,7 +261,7 @@ def _run_in(tmp: Path, content, filename, exercise, variant, limits: Limits, uid
         run.flags.append("the notebook changed the grading code (its private copy of lora_edu; the installed package is checked separately)")
     if returncode is not None and returncode < 0 and not error:
         run.error = f"the grading process was killed by signal {-returncode} (memory, CPU or file-size limit?)"
-    payload, frame_error = _verify(frames.data, key)
+    payload, frame_error = verify_frame(frames.data, key)
     if frame_error:
         run.flags.append(frame_error)
     if payload is None:
@@ -282,16 +281,16 @@ def _run_in(tmp: Path, content, filename, exercise, variant, limits: Limits, uid
     return run
 
 
-def _verify(data: bytes, key: bytes) -> tuple[dict | None, str]:
+def verify_frame(data: bytes, key: bytes) -> tuple[dict | None, str]:
     """The one authenticated frame on the result pipe, or (None, why not)."""
     if not data:
         return None, ""
-    if len(data) < _FRAME.size + 32:
+    if len(data) < FRAME.size + 32:
         return None, "something other than the grader wrote to the result channel (a short frame)"
-    (n,) = _FRAME.unpack(data[: _FRAME.size])
-    mac = data[_FRAME.size: _FRAME.size + 32]
-    body = data[_FRAME.size + 32: _FRAME.size + 32 + n]
-    extra = data[_FRAME.size + 32 + n:]
+    (n,) = FRAME.unpack(data[: FRAME.size])
+    mac = data[FRAME.size: FRAME.size + 32]
+    body = data[FRAME.size + 32: FRAME.size + 32 + n]
+    extra = data[FRAME.size + 32 + n:]
     if len(body) != n or not hmac.compare_digest(mac, hmac.new(key, body, hashlib.sha256).digest()):
         return None, "a forged result: the frame on the result channel does not carry the grader's key"
     if extra:
@@ -308,8 +307,6 @@ def _verify(data: bytes, key: bytes) -> tuple[dict | None, str]:
 
 
 def _validate_result(result: dict) -> None:
-    from .result import CheckResult
-
     r = CheckResult.from_dict(result)
     if not r.cases or not all(isinstance(c.points, (int, float)) and c.points >= 0 for c in r.cases):
         raise ValueError("no cases, or negative points")
@@ -514,7 +511,7 @@ def child_main() -> None:
 
     def send(payload: dict) -> None:
         body = json.dumps(payload, default=str).encode("utf-8")
-        frame = _FRAME.pack(len(body)) + hmac.new(key, body, hashlib.sha256).digest() + body
+        frame = FRAME.pack(len(body)) + hmac.new(key, body, hashlib.sha256).digest() + body
         view = memoryview(frame)
         while view:
             n = os.write(fd, view)
