@@ -757,8 +757,9 @@ def test_deepcopy_of_a_fused_model_has_its_own_cache():
 
 # ------------------------------------------------------------------ torch.compile: the plain formula
 def test_torch_compile_fullgraph_traces_the_plain_formula():
-    """Under torch.compile the fused layer runs the plain formula (no autograd.Function in the graph)."""
-    layer = _fused(_layer(in_f=8, out_f=6, r=2))
+    """With compile_op=False the fused layer runs the plain formula under torch.compile (no autograd.Function, no
+    custom operator in the graph); the operator (the default) is tested in tests/test_compile.py."""
+    layer = _fused(_layer(in_f=8, out_f=6, r=2), compile_op=False)
     graphs = []
 
     def backend(gm, example_inputs):
@@ -774,7 +775,8 @@ def test_torch_compile_fullgraph_traces_the_plain_formula():
     assert _maxdiff(y, yr) < TOL64
     for a, b in zip(grads, ref):
         assert _maxdiff(a, b) < TOL64
-    assert graphs and not any("autograd_function" in gm.code or "LoRALinearFunction" in gm.code for gm in graphs)
+    assert graphs and not any("autograd_function" in gm.code or "LoRALinearFunction" in gm.code or "lora_edu" in gm.code
+                              for gm in graphs)
 
 
 def test_torch_compile_fused_gpt_autocast_no_graph_breaks():
@@ -791,6 +793,70 @@ def test_torch_compile_fused_gpt_autocast_no_graph_breaks():
     dynamo.reset()
     explanation = dynamo.explain(loss_fn)(idx)
     assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons][:3]
+
+
+# ------------------------------------------------------------------ recompute_input: the down-projection's input is not saved
+def _saved_bytes(fn):
+    """Bytes of distinct storages that autograd keeps for backward while fn() builds its graph."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu"])
+def test_recompute_input_exact_and_saves_the_activation(act):
+    f = {"gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"), "silu": F.silu}[act]
+    torch.manual_seed(0)
+    up, down = _layer(in_f=8, out_f=32, r=3, seed=1), _layer(in_f=32, out_f=8, r=2, seed=2)
+    x = torch.randn(5, 7, 8, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(5, 7, 8, dtype=torch.float64)
+    params = [x, up.A, up.B, down.A, down.B]
+    results = {}
+    for recompute in (False, True):
+        fuse(up, recompute_input=recompute)
+        fuse(down, recompute_input=recompute)
+        y, nbytes = _saved_bytes(lambda: down(f(up(x))))
+        results[recompute] = (y, torch.autograd.grad(y, params, g), nbytes)
+    y_ref = LoRALinear.forward(down, f(LoRALinear.forward(up, x)))
+    g_ref = torch.autograd.grad(y_ref, params, g)
+    (y0, g0, b0), (y1, g1, b1) = results[False], results[True]
+    assert torch.equal(y0, y1) and all(torch.equal(a, b) for a, b in zip(g0, g1))  # recomputation is bit for bit
+    assert _maxdiff(y1, y_ref) < TOL64 and all(_maxdiff(a, b) < TOL64 for a, b in zip(g1, g_ref))
+    assert b0 - b1 == 5 * 7 * 32 * 8  # exactly the activation f(h), (5·7, 32) float64, is no longer kept
+
+
+def test_recompute_input_gpt_saves_one_activation_per_block():
+    model = _gpt(n_layer=2, d=16, ff=32)
+    idx = torch.randint(0, 31, (3, 16))
+    saved, losses = {}, {}
+    for recompute in (False, True):
+        fuse(model, recompute_input=recompute)
+        loss, saved[recompute] = _saved_bytes(lambda: model(idx).square().mean())
+        losses[recompute] = (loss, torch.autograd.grad(loss, lora_edu.lora_parameters(model)))
+    assert saved[False] - saved[True] == 2 * 3 * 16 * 32 * 8  # n_layer × (B·T, d_ff) float64: the GELU outputs
+    assert torch.equal(losses[False][0], losses[True][0])
+    assert all(torch.equal(a, b) for a, b in zip(losses[False][1], losses[True][1]))
+
+
+def test_recompute_input_leaves_other_inputs_alone_and_detects_in_place_changes():
+    layer = fuse(_layer(in_f=6, out_f=4), recompute_input=True)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    for inp in (x * 2, torch.tanh(x)):  # not GELU/SiLU: x itself is saved, as without the option
+        g = torch.autograd.grad(layer(inp).sum(), [layer.A])[0]
+        ref = torch.autograd.grad(LoRALinear.forward(layer, inp).sum(), [layer.A])[0]
+        assert _maxdiff(g, ref) < TOL64
+    h = x * 1.0
+    y = layer(F.gelu(h))
+    with torch.no_grad():
+        h.add_(1.0)  # the activation's own backward would be wrong too: autograd says so
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
 
 
 # ------------------------------------------------------------------ CUDA
@@ -885,3 +951,29 @@ def test_cuda_gpt_bf16_fused_vs_plain(cache_weights):
     l2, g2 = run(plain)
     assert abs(l1 - l2).item() / l2.item() < 1e-2
     assert _rel(g1, g2) < 3e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_cuda_recompute_input_bf16_same_gradients_less_memory():
+    """bf16 autocast on the GPU: recomputing GELU(h) gives the same bits, and the step's peak memory drops."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=512, block_size=256, n_layer=2, n_head=4, d_model=256, d_ff=1024, bias=True)).cuda()
+    lora_edu.add_lora(model, ALL_LINEAR, r=8, alpha=16)
+    with torch.no_grad():
+        for _, layer in lora_edu.lora_layers(model):
+            layer.B.normal_(std=0.02)
+    idx = torch.randint(0, 512, (8, 256), device="cuda")
+    out = {}
+    for recompute in (False, True):
+        fuse(model, recompute_input=recompute)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.autocast("cuda", dtype=BF16):
+            loss = model(idx).float().square().mean()
+        grads = torch.autograd.grad(loss, lora_edu.lora_parameters(model))
+        torch.cuda.synchronize()
+        out[recompute] = (loss, grads, torch.cuda.max_memory_allocated())
+    assert torch.equal(out[False][0], out[True][0])
+    assert all(torch.equal(a, b) for a, b in zip(out[False][1], out[True][1]))
+    assert out[True][2] < out[False][2]

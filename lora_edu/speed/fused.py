@@ -14,12 +14,20 @@ All state lives on the layer or on one :class:`InputCastCache` shared by the lay
 one model (passed in by :func:`fuse`); there are no module-level switches.  The fused
 path steps aside (the plain formula runs) whenever it would not be the same function:
 dropout in effect, a trainable base weight, mixed dtypes outside autocast, float64 under
-autocast, a transposed (Conv1D) base, or inside ``torch.compile`` (which fuses the plain
-formula itself).
+autocast, or a transposed (Conv1D) base.
+
+Under ``torch.compile`` the layer calls the same computation as one custom operator,
+``torch.ops.lora_edu.lora_linear`` (with a fake implementation for tracing and its own
+backward operator), so the compiler keeps the epilogue-fused GEMMs instead of splitting
+the formula; ``fuse(model, compile_op=False)`` lets the compiler trace the plain formula
+instead.  ``fuse(model, recompute_input=True)`` saves memory: where a layer's input is
+the output of GELU or SiLU (the down-projection of an MLP), backward recomputes it from
+the activation's own saved input instead of keeping it.
 """
 from __future__ import annotations
 
 import weakref
+from types import MappingProxyType
 
 import torch
 import torch.nn as nn
@@ -27,7 +35,7 @@ import torch.nn.functional as F
 
 from lora_edu.core.layers import LoRALinear
 
-__all__ = ["FusedLoRALinear", "InputCastCache", "LoRALinearFunction", "compute_dtype", "fuse", "unfuse"]
+__all__ = ["FusedLoRALinear", "InputCastCache", "LoRALinearFunction", "compute_dtype", "fuse", "lora_linear_op", "unfuse"]
 
 _AUTOCAST_DEVICES = frozenset({"cuda", "cpu", "xpu", "mps", "hpu"})
 
@@ -87,6 +95,39 @@ def _forward_2d(x2, W, b, A, B, s: float):
     return y, u
 
 
+def _backward_2d(g, x2, u, W, Ac, Bc, s: float, st, need_x: bool, need_A: bool, need_B: bool):
+    """(∂L/∂x, ∂L/∂A, ∂L/∂B) from g = ∂L/∂y (N, out); v = g B (N, r).  st: s as a 1-element tensor in A's master dtype."""
+    gx = gA = gB = None
+    if need_B:
+        gB = torch.mm(g.t(), u) * st  # (out, N) @ (N, r) -> (out, r), scaled and upcast in one kernel
+    if need_x or need_A:
+        v = torch.mm(g, Bc)  # (N, out) @ (out, r) -> (N, r)
+        if need_A:
+            gA = torch.mm(v.t(), x2) * st  # (r, N) @ (N, in) -> (r, in)
+        if need_x:
+            gx = torch.mm(v, Ac).addmm_(g, W, beta=s)  # s·v A + g W: (N, in)
+    return gx, gA, gB
+
+
+# Activations whose autograd node already keeps their input: y = f(h) is recomputed from h in backward.
+_RECOMPUTABLE = MappingProxyType({
+    "GeluBackward0": lambda node: (lambda h: F.gelu(h, approximate=node._saved_approximate)),
+    "SiluBackward0": lambda node: F.silu,
+})
+
+
+def _recompute_plan(x: torch.Tensor):
+    """(f, h) with x == f(h) bit for bit and h already saved by x's autograd node, or None."""
+    node = x.grad_fn
+    make = _RECOMPUTABLE.get(type(node).__name__) if node is not None else None
+    if make is None:
+        return None
+    h = node._saved_self
+    if h.shape != x.shape or h.dtype != x.dtype:
+        return None
+    return make(node), h
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """y = x Wᵀ + b + s·(x Aᵀ) Bᵀ, saving only x, u = x Aᵀ and the small factors for backward.
 
@@ -94,36 +135,91 @@ class LoRALinearFunction(torch.autograd.Function):
     their own (master) dtype and get their gradients in it.  W and b are frozen.
     Backward, with g = ∂L/∂y (N, out) and v = g B (N, r):
     ∂L/∂B = s·gᵀ u,  ∂L/∂A = s·vᵀ x,  ∂L/∂x = s·v A + g W.
+    ``recompute``: (f, h) with x = f(h) and h kept alive by x's own autograd node: save h
+    (no new memory) instead of x, and recompute x = f(h) in backward.
     """
 
     @staticmethod
-    def forward(ctx, x, W, b, A, B, s: float, s_tensor: torch.Tensor):
+    def forward(ctx, x, W, b, A, B, s: float, s_tensor: torch.Tensor, recompute=None):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, W.shape[1])  # (…, in) -> (N, in)
         Ac, Bc = A.to(x.dtype), B.to(x.dtype)
         y, u = _forward_2d(x2, W, b, Ac, Bc, s)
-        need_x, _, _, need_A, need_B, _, _ = ctx.needs_input_grad
+        need_x, need_A, need_B = (ctx.needs_input_grad[i] for i in (0, 3, 4))
         ctx.s, ctx.s_tensor, ctx.lead = s, s_tensor, lead
-        ctx.save_for_backward(x2 if need_A else None, u if need_B else None, W if need_x else None,
+        ctx.recompute = recompute[0] if (recompute is not None and need_A) else None
+        keep = (recompute[1].detach() if ctx.recompute else x2) if need_A else None  # h shares x's producer's saved storage
+        ctx.save_for_backward(keep, u if need_B else None, W if need_x else None,
                               Ac if need_x else None, Bc if (need_x or need_A) else None)
         return y.view(*lead, W.shape[0])  # (N, out) -> (…, out)
 
     @staticmethod
     def backward(ctx, gy):
         x2, u, W, Ac, Bc = ctx.saved_tensors
-        need_x, _, _, need_A, need_B, _, _ = ctx.needs_input_grad
-        s, st = ctx.s, ctx.s_tensor  # st: s as a 1-element tensor in A's master precision, so `mm * st` scales and upcasts in one kernel
+        if ctx.recompute is not None:
+            x2 = ctx.recompute(x2).reshape(-1, x2.shape[-1])  # x = f(h), the same kernel on the same h: the same bits
+        need_x, need_A, need_B = (ctx.needs_input_grad[i] for i in (0, 3, 4))
         g = gy.reshape(-1, gy.shape[-1])  # (…, out) -> (N, out)
-        gx = gA = gB = None
-        if need_B:
-            gB = torch.mm(g.t(), u) * st  # (out, N) @ (N, r) -> (out, r)
-        if need_x or need_A:
-            v = torch.mm(g, Bc)  # (N, out) @ (out, r) -> (N, r)
-            if need_A:
-                gA = torch.mm(v.t(), x2) * st  # (r, N) @ (N, in) -> (r, in)
-            if need_x:
-                gx = torch.mm(v, Ac).addmm_(g, W, beta=s).view(*ctx.lead, W.shape[1])  # s·v A + g W
-        return gx, None, None, gA, gB, None, None
+        gx, gA, gB = _backward_2d(g, x2, u, W, Ac, Bc, ctx.s, ctx.s_tensor, need_x, need_A, need_B)
+        if gx is not None:
+            gx = gx.view(*ctx.lead, -1)
+        return (gx, None, None, gA, gB) + (None,) * (len(ctx.needs_input_grad) - 5)  # s, s_tensor[, recompute]
+
+
+# ------------------------------------------------------------------ the same computation as a custom operator (torch.compile)
+def _master(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("lora_edu::lora_linear", mutates_args=())
+def lora_linear_op(x2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
+                   s: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, u): y = x Wᵀ + b + s·(x Aᵀ) Bᵀ (N, out) and u = x Aᵀ (N, r), by the epilogue-fused GEMMs of the eager path.
+
+    x2 (N, in), W (out, in), b (out,) in the compute dtype; A (r, in), B (out, r) in their master dtype.
+    """
+    y, u = _forward_2d(x2, W, b, A.to(x2.dtype), B.to(x2.dtype), s)
+    return y, u
+
+
+@lora_linear_op.register_fake
+def _(x2, W, b, A, B, s):
+    return x2.new_empty(x2.shape[0], W.shape[0]), x2.new_empty(x2.shape[0], A.shape[0])
+
+
+@torch.library.custom_op("lora_edu::lora_linear_backward", mutates_args=())
+def lora_linear_backward_op(g: torch.Tensor, x2: torch.Tensor | None, u: torch.Tensor, W: torch.Tensor,
+                            A: torch.Tensor, B: torch.Tensor, s: float, need_x: bool, need_A: bool,
+                            need_B: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(∂x, ∂A, ∂B) as in :class:`LoRALinearFunction`; a gradient that is not needed comes back empty (0 elements)."""
+    st = torch.full((1,), s, dtype=_master(A.dtype), device=g.device)
+    gx, gA, gB = _backward_2d(g, x2, u, W, A.to(g.dtype), B.to(g.dtype), s, st, need_x, need_A, need_B)
+    empty = g.new_empty(0)
+    return (empty if gx is None else gx), (empty.to(A.dtype) if gA is None else gA), (empty.to(B.dtype) if gB is None else gB)
+
+
+@lora_linear_backward_op.register_fake
+def _(g, x2, u, W, A, B, s, need_x, need_A, need_B):
+    gx = g.new_empty(g.shape[0], W.shape[1]) if need_x else g.new_empty(0)
+    gA = A.new_empty(A.shape) if need_A else A.new_empty(0)
+    gB = B.new_empty(B.shape) if need_B else B.new_empty(0)
+    return gx, gA, gB
+
+
+def _op_setup_context(ctx, inputs, output):
+    x2, W, b, A, B, s = inputs
+    ctx.s = s
+    ctx.save_for_backward(x2, output[1], W, A, B)
+
+
+def _op_backward(ctx, gy, gu):
+    x2, u, W, A, B = ctx.saved_tensors
+    need_x, _, _, need_A, need_B, _ = ctx.needs_input_grad
+    gx, gA, gB = torch.ops.lora_edu.lora_linear_backward(gy, x2 if need_A else None, u, W, A, B, ctx.s, need_x, need_A, need_B)
+    return (gx if need_x else None), None, None, (gA if need_A else None), (gB if need_B else None), None
+
+
+lora_linear_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 class FusedLoRALinear(LoRALinear):
@@ -134,9 +230,15 @@ class FusedLoRALinear(LoRALinear):
     storage and in-place version counter, so merges, optimizer updates, ``W.copy_()``
     and ``.to()`` refresh it — but writes through ``W.data`` bypass the version counter
     and would leave it stale, which is why it is off by default.
+
+    ``compile_op``: under ``torch.compile`` call :func:`lora_linear_op` (the same GEMMs, one
+    opaque operator with its own backward) instead of letting the compiler trace the plain
+    formula.  ``recompute_input``: see :func:`fuse`.
     """
 
     cache_weights: bool = False
+    compile_op: bool = True
+    recompute_input: bool = False
     input_cache: InputCastCache | None = None
     weight_cache: tuple | None = None
     scale_cache: tuple | None = None
@@ -151,7 +253,8 @@ class FusedLoRALinear(LoRALinear):
 
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The fused computation, or ``None`` where it would not be the same function as the plain one."""
-        if self.fan_in_fan_out or torch.compiler.is_compiling() or not x.is_floating_point():
+        compiling = torch.compiler.is_compiling()
+        if self.fan_in_fan_out or (compiling and not self.compile_op) or not x.is_floating_point():
             return None
         W, b = self.weight, self.bias
         if W.requires_grad or (b is not None and b.requires_grad):
@@ -163,6 +266,8 @@ class FusedLoRALinear(LoRALinear):
         if not autocast and (W.dtype != dtype or (b is not None and b.dtype != dtype)):
             return None  # mixed dtypes outside autocast: let nn.Linear decide (or raise)
         if not self.uses_adapter():
+            if compiling:
+                return None  # one F.linear: the compiler handles it as it handles the base model
             Wc, bc = self.frozen_weights(dtype)
             return F.linear(self.cast_input(x, dtype), Wc, bc)  # merged, disabled or no adapter: one GEMM
         name = self.active_adapter
@@ -172,10 +277,15 @@ class FusedLoRALinear(LoRALinear):
         A, B = self.lora_factors(name)
         if A.dtype != B.dtype or (not autocast and A.dtype != dtype):
             return None  # e.g. fp32 adapters on a bf16 base without autocast: the branch runs in fp32
+        if compiling:  # no caches (the compiler de-duplicates casts); the operator keeps the fused GEMMs whole
+            xc, Wc, bc = x.to(dtype), W.to(dtype), (None if b is None else b.to(dtype))
+            y, _ = lora_linear_op(xc.reshape(-1, W.shape[1]), Wc, bc, A, B, cfg.scale)  # (N, in) -> (N, out)
+            return y.view(*xc.shape[:-1], W.shape[0])
         Wc, bc = self.frozen_weights(dtype)
         xc = self.cast_input(x, dtype)
         if torch.is_grad_enabled() and (xc.requires_grad or A.requires_grad or B.requires_grad):
-            return LoRALinearFunction.apply(xc, Wc, bc, A, B, cfg.scale, self.scale_tensor(cfg.scale, A))
+            recompute = _recompute_plan(x) if (self.recompute_input and xc is x and A.requires_grad) else None
+            return LoRALinearFunction.apply(xc, Wc, bc, A, B, cfg.scale, self.scale_tensor(cfg.scale, A), recompute)
         with torch.no_grad():
             y, _ = _forward_2d(xc.reshape(-1, W.shape[1]), Wc, bc, A.to(dtype), B.to(dtype), cfg.scale)
         return y.view(*xc.shape[:-1], W.shape[0])
@@ -207,18 +317,28 @@ class FusedLoRALinear(LoRALinear):
         return self.input_cache.cast(x, dtype) if self.input_cache is not None else x.to(dtype)
 
 
-def fuse(model: nn.Module, cache_weights: bool = False, share_input_cast: bool = True) -> nn.Module:
+def fuse(model: nn.Module, cache_weights: bool = False, share_input_cast: bool = True, compile_op: bool = True,
+         recompute_input: bool = False) -> nn.Module:
     """Give every :class:`LoRALinear` in ``model`` the fused forward, in place; returns the model.
 
     ``share_input_cast``: layers that read the same input (q, k, v) share one cast of
     it under autocast (one :class:`InputCastCache` per call of ``fuse``).
     ``cache_weights``: see :class:`FusedLoRALinear`.
+    ``compile_op``: under ``torch.compile``, the fused computation as one custom operator
+    (:func:`lora_linear_op`); ``False``: the compiler traces the plain formula.
+    ``recompute_input``: a layer whose input x is GELU(h) or SiLU(h) (an MLP's down-projection)
+    saves nothing for ∂A = s·(gB)ᵀx: h is kept by the activation's own backward anyway, and x
+    is recomputed from it in backward (bit for bit).  Saves N × in activations per such layer
+    (for GPT-2-small, 50 MB per block at batch 8 × 1,024 in bf16) for one GELU per layer in backward.
+    Eager only: under ``torch.compile`` the compiler chooses what to recompute itself.
     """
     cache = InputCastCache() if share_input_cast else None
     for module in model.modules():
         if type(module) in (LoRALinear, FusedLoRALinear) and not module.fan_in_fan_out:
             module.__class__ = FusedLoRALinear
             module.cache_weights = cache_weights
+            module.compile_op = compile_op
+            module.recompute_input = recompute_input
             module.input_cache = cache
             module.weight_cache = None
             module.scale_cache = None
@@ -229,7 +349,7 @@ def unfuse(model: nn.Module) -> nn.Module:
     """Back to the plain :class:`LoRALinear` forward; returns the model."""
     for module in model.modules():
         if type(module) is FusedLoRALinear:
-            for attr in ("cache_weights", "input_cache", "weight_cache", "scale_cache"):
+            for attr in ("cache_weights", "compile_op", "recompute_input", "input_cache", "weight_cache", "scale_cache"):
                 if attr in vars(module):
                     delattr(module, attr)
             module.__class__ = LoRALinear
