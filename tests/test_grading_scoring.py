@@ -134,17 +134,16 @@ def test_optional_dropout_is_really_optional():
 
 
 def test_training_gets_proportional_credit():
+    import lora_edu
     from lora_edu.grading import ex_inject_train as ex
-
-    ns = solution_namespace("inject_train")
-    model = ex.base_model()
-    ns["inject_lora"](model, ["q_proj", "v_proj"], 8, 16)
     from lora_edu.lab.train import train
 
+    model = ex.base_model()
+    lora_edu.add_lora(model, ["q_proj", "v_proj"], r=8, alpha=16)  # only the training case is looked at here
     train(model, ex.target_task(), steps=2, batch_size=16, lr=2e-3, progress=False, eval_every=0, eval_at_start=False, seed=0)
     drop = ex.evaluate(ex.base_model()) - ex.evaluate(model)
     assert drop < ex.QUALITY_DROP
-    r = check("inject_train", {**{k: ns[k] for k in ("inject_lora", "count_trainable")}, "trained_model": model})
+    r = check("inject_train", {"inject_lora": None, "count_trainable": None, "trained_model": model})
     c = case(r, "trained")
     assert not c.passed and math.isclose(c.credit, max(0.0, drop) / ex.QUALITY_DROP, rel_tol=1e-3, abs_tol=1e-3)
     assert math.isclose(c.earned, c.points * c.credit) and "of the stated drop" in c.got
