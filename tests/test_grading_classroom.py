@@ -206,6 +206,8 @@ def test_class_run(tmp_path):
     assert "α·r" in eve
     cy = (fb / "cy" / "01_lora_linear.md").read_text(encoding="utf-8")
     assert "without the scale α/r" in cy
+    jay = (fb / "jay" / "01_lora_linear.md").read_text(encoding="utf-8")
+    assert "\x00" not in jay and "\x1b" not in jay  # what a notebook prints reaches the feedback as plain text
     kim = (fb / "kim" / "01_lora_linear.md").read_text(encoding="utf-8")
     assert "output cut" in kim and len(kim) < 100_000
     details = list(csv.DictReader((fb / "submissions.csv").open(encoding="utf-8")))

@@ -101,7 +101,8 @@ def feedback_markdown(g: Graded) -> str:
         lines += ["## Cells that raised an error", "", "Numbers are those Jupyter shows after *Kernel → Restart & Run All*.", ""]
         lines += [f"- {_md(e)}" for e in g.cell_errors] + [""]
     if g.output.strip():
-        lines += ["## What the notebook printed (capped)", "", "```", g.output.replace("```", "ʼʼʼ").rstrip(), "```", ""]
+        text = "".join(ch if ch.isprintable() or ch in "\n\t" else "\ufffd" for ch in g.output).replace("```", "ʼʼʼ").rstrip()
+        lines += ["## What the notebook printed (capped)", "", "```", text, "```", ""]
     return "\n".join(lines)
 
 
