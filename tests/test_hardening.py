@@ -520,15 +520,10 @@ def test_bad_targets_say_what_to_pass(targets):
 
 _INPUTS = {"1d": lambda: torch.randn(4), "empty": lambda: torch.randn(0, 4), "transposed": lambda: torch.randn(4, 3).T,
            "expanded": lambda: torch.randn(1, 4).expand(3, 4), "3d_strided": lambda: torch.randn(2, 2, 4).transpose(0, 1)}
-_EMPTY_GRAD_BUG = pytest.mark.xfail(
-    strict=True, raises=RuntimeError,
-    reason="library bug in lora_edu/speed/fused.py since 4179348: LoRALinearFunction.backward does "
-           "gx.view(*ctx.lead, -1), ambiguous for a batch of 0 rows; gx.view(*ctx.lead, gx.shape[-1]) fixes it")
 
 
 @pytest.mark.parametrize("make,grad", [
-    pytest.param(make, grad, id=f"{name}-{'grad' if grad else 'nograd'}",
-                 marks=[_EMPTY_GRAD_BUG] if (name, grad) == ("empty", True) else [])
+    pytest.param(make, grad, id=f"{name}-{'grad' if grad else 'nograd'}")
     for name, make in _INPUTS.items() for grad in (False, True)
 ])
 def test_fused_layer_accepts_what_the_plain_layer_accepts(make, grad):

@@ -162,7 +162,7 @@ class LoRALinearFunction(torch.autograd.Function):
         g = gy.reshape(-1, gy.shape[-1])  # (…, out) -> (N, out)
         gx, gA, gB = _backward_2d(g, x2, u, W, Ac, Bc, ctx.s, ctx.s_tensor, need_x, need_A, need_B)
         if gx is not None:
-            gx = gx.view(*ctx.lead, -1)
+            gx = gx.view(*ctx.lead, gx.shape[-1])
         return (gx, None, None, gA, gB) + (None,) * (len(ctx.needs_input_grad) - 5)  # s, s_tensor[, recompute]
 
 
