@@ -97,7 +97,7 @@ class Exercise:
 
     name: str
     title: str
-    notebook: str  # file name in lora_edu/exercises/
+    notebook: str  # file name in course/exercises/ (instructor material, not in the package)
     symbols: tuple[str, ...]  # what the notebook must define; one name -> that object, several -> a dict
     cases: list[Case] = field(default_factory=list)
 
