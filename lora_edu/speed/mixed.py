@@ -71,7 +71,8 @@ class _LayerPlan:
         self.slot = [used.index(n) if n in used else len(used) for n in names_per_row]  # len(used): the zero adapter
         self.uniform = used[0] if len(used) == 1 and all(s == 0 for s in self.slot) else None
         self.rows = {n: [i for i, m in enumerate(names_per_row) if m == n] for n in used}
-        self._stack: dict = {}  # (device, dtype) -> (factor versions, A_stack, sB_stack)
+        self.factors = [(*layer.lora_factors(n), layer.adapters[n].scale) for n in used]  # (A, B, s), read once per context
+        self._stack: dict = {}  # (device, dtype) -> (factor versions, Aᵀ stack, (s·B)ᵀ stack)
         self._index: dict = {}  # (device, adapter name or None) -> row indices on that device (no host copy per forward)
 
     def index(self, device, name: str | None = None) -> torch.Tensor:
@@ -83,52 +84,53 @@ class _LayerPlan:
 
     # --------------------------------------------------------------- LoRALinear: BGMV
     def stacked(self, device, dtype):
-        """(A_stack (K+1, r_max, in), sB_stack (K+1, out, r_max), slot (rows,)), zero-padded, s folded into B, row K zero.
+        """(Aᵀ stack (K+1, in, r_max), (s·B)ᵀ stack (K+1, r_max, out)) in ``dtype``: zero-padded to r_max, entry K zero.
 
-        Rebuilt when a factor changed in place; kept when no gradient is needed, so a
-        stream of no-grad forwards stacks once.
+        Kept while no factor changed in place (version counters) and no gradient is
+        needed, so a stream of no-grad forwards stacks once; rebuilt, differentiably,
+        when a factor requires a gradient.
         """
-        layer = self.layer
-        factors = [layer.lora_factors(n) for n in self.names]
-        versions = tuple((A._version, B._version) for A, B in factors)
-        grad = torch.is_grad_enabled() and any(p.requires_grad for f in factors for p in f)
+        factors = self.factors
+        versions = tuple((A._version, B._version) for A, B, _ in factors)
+        grad = torch.is_grad_enabled() and any(A.requires_grad or B.requires_grad for A, B, _ in factors)
         key = (device, dtype)
         hit = self._stack.get(key)
         if hit is not None and hit[0] == versions and not grad:
-            return hit[1], hit[2], self.index(device)
-        r_max = max(A.shape[0] for A, _ in factors)
-        with contextlib.nullcontext() if grad else torch.no_grad():  # differentiable only when a factor needs a gradient
-            As = [F.pad(A.to(dtype), (0, 0, 0, r_max - A.shape[0])) for A, _ in factors]  # (r, in) -> (r_max, in)
-            sBs = [F.pad((B * layer.adapters[n].scale).to(dtype), (0, r_max - B.shape[1]))  # (out, r) -> (out, r_max)
-                   for n, (_, B) in zip(self.names, factors)]
-            A_stack = torch.stack(As + [torch.zeros_like(As[0])])  # (K+1, r_max, in); row K: the base rows' zero adapter
-            B_stack = torch.stack(sBs + [torch.zeros_like(sBs[0])])  # (K+1, out, r_max)
+            return hit[1], hit[2]
+        r_max = max(A.shape[0] for A, _, _ in factors)
+        with contextlib.nullcontext() if grad else torch.no_grad():
+            At = [F.pad(A.to(dtype), (0, 0, 0, r_max - A.shape[0])).T for A, _, _ in factors]  # (in, r_max)
+            sBt = [F.pad((B * s).to(dtype), (0, r_max - B.shape[1])).T for _, B, s in factors]  # (r_max, out)
+            At_stack = torch.stack(At + [torch.zeros_like(At[0])])  # (K+1, in, r_max); entry K: the base rows' zero adapter
+            sBt_stack = torch.stack(sBt + [torch.zeros_like(sBt[0])])  # (K+1, r_max, out)
         if not grad:
-            self._stack[key] = (versions, A_stack, B_stack)
-        return A_stack, B_stack, self.index(device)
+            self._stack[key] = (versions, At_stack, sBt_stack)
+        return At_stack, sBt_stack
 
     def linear_branch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y + each row's s·x Aᵀ Bᵀ.  x (R, …, in), y (R, …, out)."""
         layer = self.layer
-        A0 = layer.lora_factors(self.names[0])[0]
         dev = x.device.type
         autocast = dev in ("cuda", "cpu", "xpu") and torch.is_autocast_enabled(dev) and x.dtype != torch.float64
-        # The plain branch casts x to the adapters' dtype and multiplies (autocast then casts to its dtype): the same here.
-        dtype = torch.get_autocast_dtype(dev) if autocast else A0.dtype
-        R = x.shape[0]
-        x3 = x.reshape(R, -1, x.shape[-1]).to(dtype)  # (R, …, in) -> (R, T, in)
-        with torch.autocast(dev, enabled=False) if autocast else contextlib.nullcontext():
-            if self.uniform is not None:  # every row, one adapter: two plain products, s applied as in lora_forward
-                A, B = layer.lora_factors(self.uniform)
-                x2 = x3.reshape(-1, x3.shape[-1])  # (R·T, in)
-                delta = (x2 @ A.to(dtype).T @ B.to(dtype).T) * layer.adapters[self.uniform].scale  # (R·T, out)
-            else:
-                A_stack, sB_stack, slot = self.stacked(x.device, dtype)
-                A_rows = A_stack.index_select(0, slot)  # (R, r_max, in): each row's A (zeros for base rows)
-                sB_rows = sB_stack.index_select(0, slot)  # (R, out, r_max): each row's s·B
-                u = torch.bmm(x3, A_rows.transpose(1, 2))  # (R, T, in) @ (R, in, r_max) -> (R, T, r_max)
-                delta = torch.bmm(u, sB_rows.transpose(1, 2))  # (R, T, r_max) @ (R, r_max, out) -> (R, T, out)
-        return y + delta.reshape(y.shape).to(y.dtype)
+        # The plain branch casts x to the adapters' dtype, and autocast casts that to its own: the same dtype here.
+        dtype = torch.get_autocast_dtype(dev) if autocast else self.factors[0][0].dtype
+        cast = getattr(layer, "cast_input", None)  # a fused layer shares the cast its base GEMM just made (q, k, v too)
+        xc = cast(x, dtype) if cast is not None else x.to(dtype)
+        R, fused_add = x.shape[0], y.dtype == dtype
+        At_stack, sBt_stack = self.stacked(x.device, dtype)
+        if self.uniform is not None:  # every row, one adapter: two plain products, the second accumulating into y
+            x2, y2 = xc.reshape(-1, xc.shape[-1]), y.reshape(-1, y.shape[-1])  # (R·T, in), (R·T, out)
+            u = torch.mm(x2, At_stack[0])  # (R·T, in) @ (in, r_max) -> (R·T, r_max)
+            if fused_add:
+                return torch.addmm(y2, u, sBt_stack[0]).view(y.shape)  # y + u (s·B)ᵀ
+            return y + torch.mm(u, sBt_stack[0]).view(y.shape).to(y.dtype)
+        slot = self.index(x.device)
+        x3, y3 = xc.reshape(R, -1, xc.shape[-1]), y.reshape(R, -1, y.shape[-1])  # (R, T, in), (R, T, out)
+        u = torch.bmm(x3, At_stack.index_select(0, slot))  # (R, T, in) @ (R, in, r_max) -> (R, T, r_max): each row its A
+        sBt_rows = sBt_stack.index_select(0, slot)  # (R, r_max, out): each row's (s·B)ᵀ, zeros for base rows
+        if fused_add:
+            return torch.baddbmm(y3, u, sBt_rows).view(y.shape)  # y + u (s·B)ᵀ in the batched GEMM's epilogue
+        return y + torch.bmm(u, sBt_rows).view(y.shape).to(y.dtype)
 
     # --------------------------------------------------------------- any layer: one lora_forward per adapter
     def grouped_branch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
