@@ -73,12 +73,12 @@ def test_quantize_then_add_lora_trains_only_the_adapter():
     assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
 
 
-@pytest.mark.xfail(raises=AttributeError, strict=False,
-                   reason="core/inject.py tied_weights reads .weight of each target; NF4Linear has none (core diff requested)")
 def test_lora_edu_add_lora_wraps_nf4_layers():
     model = quantize_linears(tiny_gpt(), TARGETS)
     lora_edu.add_lora(model, TARGETS, r=4, alpha=8)
     assert all(isinstance(layer, QLoRALinear) for _, layer in lora_edu.lora_layers(model))
+    counts = lora_edu.count_parameters(model)
+    assert counts.layers and all(c.shape == (64, 64) for c in counts.layers)
 
 
 def test_adapter_dtype_follows_the_policy_on_a_bf16_base():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn as nn
 
 from lora_edu.core.inject import lora_layers
@@ -68,7 +69,8 @@ def count_parameters(model: nn.Module) -> ParameterCount:
         if layer.active_adapter is None:
             continue
         A, B = layer.A, layer.B
-        shape = tuple(layer.base.weight.shape)
+        W = getattr(layer.base, "weight", None)  # a quantised base has none: use the layer's (out, in)
+        shape = tuple(W.shape) if isinstance(W, torch.Tensor) else (layer.out_features, layer.in_features)
         # Linear: A (r, in), B (out, r); Embedding: A (r, num), B (dim, r) — r·(in + out) either way
         n_lora = A.numel() + B.numel()
         n_train = A.numel() * A.requires_grad + B.numel() * B.requires_grad

@@ -24,6 +24,7 @@ import re
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 
+import torch
 import torch.nn as nn
 
 from lora_edu.core.config import AdapterConfig, check_adapter_name
@@ -161,7 +162,9 @@ def tied_weights(model: nn.Module, names: Iterable[str]) -> dict[str, list[str]]
         by_tensor.setdefault(id(p), []).append(pname)
     out = {}
     for n in names:
-        W = model.get_submodule(n).weight
+        W = getattr(model.get_submodule(n), "weight", None)
+        if not isinstance(W, torch.Tensor):  # a quantised base (variants.NF4Linear) has no float weight to share
+            continue
         own = {f"{n}.weight", f"{n}.base.weight"}
         others = [p for p in by_tensor.get(id(W), []) if p not in own]
         if others:
