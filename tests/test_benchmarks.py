@@ -34,3 +34,19 @@ def test_ddp_report_renders(tmp_path):
     (tmp_path / "ddp_world1.json").write_text(json.dumps(run))
     text = ddp_lora.report(tmp_path, tmp_path / "out.md")
     assert "LoRA r=8 all linear" in text and (tmp_path / "out.md").exists()
+
+
+def test_bench_lora_quick_tiny_cpu_with_mixed(tmp_path):
+    """--quick (issue 15's rows: recompute_input, inference; compile pass skipped here) and bench_mixed.py into the same folder."""
+    import bench_lora
+
+    res = bench_lora.main(["--quick", "--no-compile", "--size", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0",
+                           "--no-peft", "--out-dir", str(tmp_path), "--name", "tinyq"])
+    names = [r["name"] for r in res["rows"]]
+    assert bench_lora.RECOMPUTE_ROW in names and "inference: lora_edu merged" in names
+    assert bench_lora.PLAIN_COMPILE_ROW not in names  # a compile-only row, and the compile pass was skipped
+    mixed = {r["name"]: r for r in res["mixed"]["rows"]}
+    assert {"base model", "lora_edu: one adapter, unmerged", "lora_edu: adapter_batch, k = 16"} <= set(mixed)
+    assert res["mixed"]["meta"]["exactness"] < 1e-5
+    assert (tmp_path / "tinyq.md").exists() and (tmp_path / "mixed_cpu.md").exists()
+    assert "adapter_batch, k = 4" in (tmp_path / "tinyq.md").read_text()
