@@ -37,6 +37,7 @@ Decisions:
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -47,6 +48,8 @@ from lora_edu.core.inject import adapter_names, lora_layers
 from lora_edu.core.layers import LoRAEmbedding, LoRALayer, LoRALinear
 
 __all__ = ["adapter_batch"]
+
+_VERSION = operator.attrgetter("_version")
 
 
 def _branch_kind(layer: LoRALayer) -> str | None:
@@ -72,6 +75,8 @@ class _LayerPlan:
         self.uniform = used[0] if len(used) == 1 and all(s == 0 for s in self.slot) else None
         self.rows = {n: [i for i, m in enumerate(names_per_row) if m == n] for n in used}
         self.factors = [(*layer.lora_factors(n), layer.adapters[n].scale) for n in used]  # (A, B, s), read once per context
+        self.params = [p for A, B, _ in self.factors for p in (A, B)]
+        self.dropout = any(layer.adapters[n].dropout > 0 for n in used)
         self._stack: dict = {}  # (device, dtype) -> (factor versions, Aᵀ stack, (s·B)ᵀ stack)
         self._index: dict = {}  # (device, adapter name or None) -> row indices on that device (no host copy per forward)
 
@@ -91,8 +96,8 @@ class _LayerPlan:
         when a factor requires a gradient.
         """
         factors = self.factors
-        versions = tuple((A._version, B._version) for A, B, _ in factors)
-        grad = torch.is_grad_enabled() and any(A.requires_grad or B.requires_grad for A, B, _ in factors)
+        versions = sum(map(_VERSION, self.params))  # in-place version counters only grow: any change raises the sum
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.params)
         key = (device, dtype)
         hit = self._stack.get(key)
         if hit is not None and hit[0] == versions and not grad:
@@ -147,7 +152,7 @@ class _LayerPlan:
                              f"{tuple(x.shape)}); give one adapter name (or None) per row of the batch")
         if not self.names:
             return output  # no row asks for an adapter this layer has: the base, which the layer computed
-        if module.training and any(module.adapters[n].dropout > 0 for n in self.names):
+        if self.dropout and module.training:
             raise RuntimeError("adapter_batch: dropout in training mode is not supported (each row would need its adapter's "
                                "mask); call model.eval() for a mixed-adapter batch")
         if self.kind == "linear":
