@@ -15,7 +15,7 @@ def collected(folder: str, mode: str) -> set[str]:
     return {Path(line.split("::")[0]).name for line in out.splitlines() if "::" in line}
 
 
-@pytest.mark.parametrize("folder, mode", [("notebooks", "--nbval"), ("lora_edu/exercises", "--nbval-lax")])
+@pytest.mark.parametrize("folder, mode", [("notebooks", "--nbval"), ("course/exercises", "--nbval-lax")])
 def test_every_notebook_is_collected(folder, mode):
     expected = {p.name for p in (ROOT / folder).glob("*.ipynb")}
     assert expected, f"no notebooks found in {folder}/"

@@ -61,3 +61,15 @@ def test_pretrain_never_writes_into_the_package_by_default(tmp_path, capsys, mon
     parser = cli.build_parser()
     assert parser.parse_args(["pretrain"]).out_dir == "checkpoints"  # relative to the working folder, not the package
     assert shipped == {p: p.stat().st_mtime_ns for p in __import__("pathlib").Path(pretrain.CHECKPOINT_DIR).iterdir()}
+
+
+def test_unusable_device_is_a_clear_error(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the error path is for machines without it")
+    out = tmp_path / "never"
+    assert cli.main(["tour", "--device", "cuda", "--out", str(out)]) == 2
+    assert "no usable CUDA GPU" in capsys.readouterr().err and not out.exists()
+    assert cli.main(["tour", "--device", "tpu", "--out", str(out)]) == 2
+    assert "unknown device 'tpu'" in capsys.readouterr().err and not out.exists()

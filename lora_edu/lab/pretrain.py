@@ -3,7 +3,8 @@
 LoRA adapts a *pretrained* model (Hu et al. 2021, §4): the ΔW-vs-W analysis of §7
 means nothing on a random base. ``lora-edu pretrain`` trains each model of
 ``RECIPES`` on its SOURCE task (:mod:`lora_edu.lab.data`) with a fixed recipe and
-writes ``lora_edu/checkpoints/<name>.safetensors`` (float32 weights) next to
+writes ``<out-dir>/<name>.safetensors`` (float32 weights; ``./checkpoints`` by default, the
+package's own ``lora_edu/lab/checkpoints/`` only with ``--out-dir package``) next to
 ``<name>.json`` (model config, recipe, seed, final source *and* target losses,
 corpus fingerprints, versions, wall time, date). :func:`load_pretrained` loads them.
 """
@@ -193,9 +194,10 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
     if args.list:
-        have = set(available_checkpoints(args.out_dir))
+        have, shipped = set(available_checkpoints(args.out_dir)), set(available_checkpoints(CHECKPOINT_DIR))
         for name, r in RECIPES.items():
-            status = "present" if name in have else "missing"
+            status = ("present" if name in have else "missing") + f" in {args.out_dir}"
+            status += "; shipped with the package" if name in shipped else ""
             print(f"{name:10s} {r['model']}/{r['preset']} on {r['task']}, {r['train']['steps']} steps  [{status}]")
         return 0
     if args.threads:
@@ -205,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         print(f"unknown recipe(s) {unknown}; choose from {list(RECIPES)}", file=sys.stderr)
         return 2
+    resolve_device(args.device)  # an unusable device fails here, before anything is trained or written
     for name in names:
         t0 = time.perf_counter()
         meta = pretrain(name, out_dir=args.out_dir, steps=args.steps, device=args.device, progress=not args.quiet)
