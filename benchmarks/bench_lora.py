@@ -587,6 +587,15 @@ def main(argv=None) -> dict:
     del probe
     print(f"# {meta['model']}\n# {device_name}, torch {meta['torch']}, peft {meta['peft']}, {precision}", flush=True)
 
+    out_dir = Path(args.out_dir)
+    card = device_name.lower().replace("nvidia", "").strip().split()[0]
+    stem = args.name or (("cpu" if device.type == "cpu" else "gpu_" + card) + ("_quick" if args.quick else ""))
+
+    def checkpoint():  # rows so far, after every measurement: a run cut short by a time limit still leaves its numbers
+        if not args.no_write:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(out_dir / f"{stem}.partial.json", json.dumps(dict(meta=meta, rows=rows), indent=1).encode())
+
     check = equivalence_check(size, device, precision, data)
     print("# equivalence:", check, flush=True)
 
@@ -615,12 +624,14 @@ def main(argv=None) -> dict:
         r = run_one(name, kind, builder, options, size, device, precision, steps, warmup, data, compile_=args.compile)
         rows.append(r)
         print(f"  {name:<50} {r['ms']:9.2f} ms  peak {_f(r['peak_gib'], '.2f')} GiB", flush=True)
+        checkpoint()
     # second pass, after every eager row, so that no graph pool can inflate an eager peak
     for r, (name, kind, builder, options, partner) in zip(rows, configs):
         if G in modes(name):
             rg = run_one(name, kind, builder, options, size, device, precision, steps, warmup, data, graphs=True)
             r["ms_graph"], r["ms_graph_all"] = rg["ms"], rg["ms_all"]
             print(f"  {name:<50} {r['ms_graph']:9.2f} ms  (CUDA graph)", flush=True)
+            checkpoint()
     # third pass: each configuration built fresh and compiled (compilation happens in the warm-up)
     for r, (name, kind, builder, options, partner) in zip(rows, configs):
         if C in modes(name):
@@ -628,10 +639,10 @@ def main(argv=None) -> dict:
             r["ms_compile"], r["ms_compile_all"], r["peak_gib_compile"] = rc["ms"], rc["ms_all"], rc["peak_gib"]
             r["trainable"] = rc["trainable"] if r["trainable"] is None else r["trainable"]
             print(f"  {name:<50} {r['ms_compile']:9.2f} ms  (torch.compile)", flush=True)
+            checkpoint()
     add_ratios(rows, partners)
     goal_rows = goals(rows) if device.type == "cuda" else [gr for gr in goals(rows) if "memory" not in gr[0]]
     text = render(meta, rows, goal_rows, check)
-    out_dir = Path(args.out_dir)
     if args.profile and device.type == "cuda":
         out_dir.mkdir(parents=True, exist_ok=True)
         prof = profile_pair(size, device, precision, data, out_dir)
@@ -652,10 +663,9 @@ def main(argv=None) -> dict:
     result = dict(meta=meta, rows=rows, goals=goal_dicts, check=check, mixed=mixed)
     if not args.no_write:
         out_dir.mkdir(parents=True, exist_ok=True)
-        card = device_name.lower().replace("nvidia", "").strip().split()[0]
-        stem = args.name or (("cpu" if device.type == "cpu" else "gpu_" + card) + ("_quick" if args.quick else ""))
         atomic_write_bytes((out_dir / f"{stem}.json"), (json.dumps(result, indent=1)).encode())
         atomic_write_bytes((out_dir / f"{stem}.md"), (text + "\n").encode())
+        (out_dir / f"{stem}.partial.json").unlink(missing_ok=True)
         print(f"# wrote {out_dir / stem}.json and .md")
     return result
 

@@ -401,6 +401,27 @@ def test_bf16_autocast_fused_vs_plain_within_tolerance():
         assert ef <= 1.25 * ep
 
 
+def test_bf16_input_under_autocast_is_fused():
+    """Regression: an input already in autocast's dtype (o_proj after SDPA, down_proj after GELU) was taken for
+    'no autocast' and sent to the plain path (fp32 W ≠ bf16 x).  It is fused, and equals the plain layer."""
+    layer = _fused(_layer(in_f=32, out_f=24, r=4, dtype=torch.float32))
+    x = torch.randn(3, 5, 32).to(BF16).requires_grad_()
+    g = torch.randn(3, 5, 24).to(BF16)
+    with torch.autocast("cpu", dtype=BF16):
+        y, yp = layer(x), _plain(layer)(x)
+        with torch.no_grad():
+            y_ng = layer(x)
+    assert _used_function(y) and y.dtype == yp.dtype == y_ng.dtype == BF16
+    assert _rel(y, yp) < 1e-2 and _rel(y_ng, yp) < 1e-2
+    gf = torch.autograd.grad(y, [x, layer.A, layer.B], g)
+    gp = torch.autograd.grad(yp, [x, layer.A, layer.B], g)
+    assert all(a.dtype == b.dtype and _rel(a, b) < 2e-2 for a, b in zip(gf, gp))
+    gpt = fuse(_gpt(dtype=torch.float32))
+    with torch.autocast("cpu", dtype=BF16):
+        h = F.gelu(torch.randn(2, 16, 32).to(BF16).requires_grad_())
+        assert _used_function(gpt.blocks[0].mlp.down_proj(h))
+
+
 def test_bf16_autocast_whole_model_fused_vs_plain():
     plain = _gpt(vocab=64, d=32, ff=64, dtype=torch.float32)
     model = fuse(copy.deepcopy(plain))

@@ -260,7 +260,8 @@ class FusedLoRALinear(LoRALinear):
         if W.requires_grad or (b is not None and b.requires_grad):
             return None
         dtype = compute_dtype(x)
-        autocast = dtype is not x.dtype
+        dev = x.device.type  # autocast is on even when x already has its dtype (o_proj after SDPA, down_proj after GELU)
+        autocast = dev in _AUTOCAST_DEVICES and torch.is_autocast_enabled(dev)
         if dtype is None or W.dtype == torch.float64 and autocast:
             return None  # autocast leaves float64 alone; so does the plain path
         if not autocast and (W.dtype != dtype or (b is not None and b.dtype != dtype)):
