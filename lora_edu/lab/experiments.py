@@ -13,6 +13,16 @@ about the method (Biderman et al. 2024, §3).
 * :func:`learn_forget` — "LoRA Learns Less and Forgets Less" (Biderman et al. 2024):
   target-domain quality against source-domain quality after adaptation.
 
+For statistics (notebooks 4-6, ``benchmarks/study_gpu.py``):
+
+* :func:`fine_tune_replicas` — many (learning rate, seed) copies trained side by side with
+  ``torch.func.vmap``; replica by replica the same as :func:`fine_tune` (tested).
+* :func:`sweep_then_seeds` — a learning-rate grid on one seed, extended until its best value is
+  interior, then more seeds at that learning rate.
+* :func:`mean_se`, :func:`difference`, :func:`verdict` — a claim is "reproduced" only beyond two
+  standard errors; :func:`fixed_eval_batches` / :func:`per_batch_losses` measure how stable an
+  evaluation is; :func:`lora_scale_rule` names the three α regimes (fixed α, α = 2r, rsLoRA).
+
 Learning rates are selected on the target task's *validation* split and reported on
 the same split; with a handful of candidates the selection bias is small next to the
 effects shown, and the notebooks say so.
