@@ -230,3 +230,16 @@ def test_native_file_round_trip_and_strict_reading(tmp_path):
         with pytest.raises(lora_edu.AdapterFileError, match=match):
             lora_edu.load_adapter(target, bad)
         assert type(target[0]) is nn.Linear
+
+
+def test_add_lora_on_a_dora_layer_is_refused_like_add_dora_on_a_lora_layer():
+    torch.manual_seed(0)
+    model = add_dora(nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double(), ["0"], r=2, alpha=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match=r"'0' already carries DoRA adapters \['default'\]; DoRA and LoRA adapters cannot share a layer"):
+        lora_edu.add_lora(model, ["0", "2"], r=2, alpha=4, adapter="plain")  # "2" would have been wrapped first
+    assert type(model[2]) is nn.Linear and list(model[0].adapters) == ["default"]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    plain = lora_edu.add_lora(nn.Sequential(nn.Linear(6, 5)).double(), ["0"], r=2, alpha=4)
+    with pytest.raises(TypeError, match="already carries plain LoRA adapters"):  # the message it mirrors
+        add_dora(plain, ["0"], r=2, alpha=4, adapter="d")

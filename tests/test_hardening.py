@@ -755,3 +755,104 @@ def test_peft_folder_written_by_lora_edu_still_loads_in_peft_after_fingerprint(t
         pm = peft.PeftModel.from_pretrained(net(), str(tmp_path))
     with torch.no_grad():
         close(pm(IDS), m(IDS), 1e-12)
+
+
+# =========================================================================== Review of the core (hyper-parameters travel and are checked)
+
+
+@pytest.mark.parametrize("other", [{"alpha": 8}, {"r": 3}, {"rslora": True}])
+@pytest.mark.parametrize("merged", [True, False])
+def test_state_dict_into_adapter_with_other_r_alpha_or_rslora_is_refused(other, merged):
+    m = adapted(targets=["fc1", "fc2"])  # r=2, alpha=4
+    if merged:
+        L.merge_lora(m)
+    sd = m.state_dict()
+    fresh = L.add_lora(net(), ["fc1", "fc2"], **{"r": 2, "alpha": 4, **other})
+    if "r" in other:  # another r also changes the shapes: drop the factors, the extra state alone must refuse
+        sd = {k: v for k, v in sd.items() if "lora_" not in k}
+    with pytest.raises(RuntimeError, match=r"adapter 'default' has r=2, alpha=4.0, rslora=False but this layer's has"):
+        fresh.load_state_dict(sd, strict=False)
+
+
+def test_state_dict_with_the_same_hyperparameters_and_older_extra_state_formats_still_load():
+    m = adapted(targets=["fc1"])
+    L.merge_lora(m)
+    fresh = L.add_lora(net(), ["fc1"], r=2, alpha=4)
+    fresh.load_state_dict(m.state_dict())
+    L.unmerge_lora(fresh)
+    assert torch.equal(fresh.fc1.base.weight, net().fc1.weight)
+    for old in ('{"active": "default", "merged": "default"}', "default"):  # the JSON without "adapters", and the first format
+        sd = m.state_dict()
+        sd["fc1._extra_state"] = torch.tensor(list(old.encode()), dtype=torch.uint8)
+        fresh = L.add_lora(net(), ["fc1"], r=2, alpha=4)
+        fresh.load_state_dict(sd)
+        assert fresh.fc1.merged_adapter == "default"
+
+
+@pytest.mark.parametrize("damage", [
+    torch.tensor([0xff, 0xfe], dtype=torch.uint8),  # not UTF-8
+    torch.tensor(list(b'{"active": '), dtype=torch.uint8),  # truncated JSON
+    torch.tensor([1.0, 2.0]),  # not uint8
+])
+def test_damaged_extra_state_is_a_clear_error(damage):
+    m = adapted(targets=["fc1"])
+    sd = m.state_dict()
+    sd["fc1._extra_state"] = damage
+    with pytest.raises(RuntimeError, match="_extra_state in the state dict .*damaged"):
+        L.add_lora(net(), ["fc1"], r=2, alpha=4).load_state_dict(sd)
+
+
+def test_check_merge_equivalence_with_a_list_says_pass_a_tuple():
+    m = adapted()
+    before = snapshot(m)
+    with pytest.raises(TypeError, match=r"tuple of its positional arguments, got a list"):
+        L.check_merge_equivalence(m, [IDS])
+    assert_unchanged(m, before)
+
+
+def test_register_lora_layer_checks_its_arguments():
+    with pytest.raises(TypeError, match="base_type must be an nn.Module subclass"):
+        L.register_lora_layer("x", 3)
+    with pytest.raises(TypeError, match="lora_type must be a LoRALayer subclass or a callable"):
+        L.register_lora_layer(nn.Linear, 3)
+    from lora_edu.core.kinds import USER_LAYER_TYPES
+    assert "x" not in USER_LAYER_TYPES and nn.Linear not in USER_LAYER_TYPES
+
+
+def test_numpy_scalars_are_accepted_and_stored_as_python_numbers():
+    np = pytest.importorskip("numpy")
+    m = L.add_lora(net(), ["fc1"], r=np.int64(2), alpha=np.float32(16), dropout=np.float64(0.1))
+    cfg = m.fc1.config
+    assert (type(cfg.r), type(cfg.alpha), type(cfg.dropout)) == (int, float, float)
+    assert (cfg.r, cfg.alpha, cfg.scale) == (2, 16.0, 8.0)
+    json.dumps([cfg.r, cfg.alpha])  # plain Python numbers: they go into adapter files
+    for bad in (True, np.bool_(True)):
+        with pytest.raises(TypeError, match="r must be a positive int"):
+            L.add_lora(net(), ["fc1"], r=bad, alpha=4)
+        with pytest.raises(TypeError, match="alpha must be a finite positive number"):
+            L.add_lora(net(), ["fc1"], r=2, alpha=bad)
+
+
+@pytest.mark.parametrize("alpha,rslora", [(1e308, False), (1e39, True)])
+def test_alpha_whose_scale_overflows_is_refused_before_anything_changes(alpha, rslora):
+    m = net()
+    before = snapshot(m)
+    with pytest.raises(ValueError, match="overflows float32"):
+        L.add_lora(m, ["fc1"], r=2, alpha=alpha, rslora=rslora)
+    assert_unchanged(m, before)
+
+
+def test_rank_larger_than_the_layer_warns_that_it_is_legal_but_wasteful():
+    with pytest.warns(UserWarning, match=r"r=4 is larger than min\(in, out\) = min\(5, 3\) = 3 .*legal, but wasteful"):
+        m = L.add_lora(net(), ["fc2"], r=4, alpha=4)
+    assert m.fc2.r == 4  # not an error
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        L.add_lora(net(), ["fc2"], r=3, alpha=4)
+
+
+def test_unload_lora_leaves_no_lora_bookkeeping_on_the_plain_model():
+    for merge in (True, False):
+        m = L.unload_lora(adapted(trainable_modules=[]), merge=merge)
+        assert not hasattr(m, "lora_trainable_modules")
+        assert not any(isinstance(x, L.LoRALayer) for x in m.modules())

@@ -215,3 +215,16 @@ def test_variants_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
     assert rows["DoRA, bf16 base"]["trainable"] > rows["LoRA, bf16 base"]["trainable"]  # + m, one per output unit
     assert json.loads((tmp_path / "variants_gpu_tiny.json").read_text())["meta"]["bf16"] is True
     assert "| QLoRA, NF4 base |" in (tmp_path / "variants_gpu_tiny.md").read_text()
+
+
+def test_merge_check_and_erased_fraction_refuse_like_merge_lora_naming_merge_into_dequantized():
+    model = add_qlora(tiny_gpt(), TARGETS, r=4, alpha=8)
+    randomize(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 23, (2, 8))
+    for call in (lambda: lora_edu.check_merge_equivalence(model, ids), lambda: lora_edu.erased_fraction(model),
+                 lambda: lora_edu.unload_lora(model)):
+        with pytest.raises(RuntimeError, match="cannot merge into a 4-bit NF4 base.*merge_into_dequantized"):
+            call()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert all(isinstance(layer, QLoRALinear) for _, layer in lora_edu.lora_layers(model))

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from lora_edu.core.inject import lora_layers, merge_lora, tied_weights, unmerge_lora
+from lora_edu.core.inject import check_mergeable, lora_layers, merge_lora, tied_weights, unmerge_lora
 
 __all__ = ["MergeReport", "check_merge_equivalence", "TOLERANCE", "erased_fraction"]
 
@@ -95,6 +95,7 @@ def _as_tensor(out) -> torch.Tensor:
 
 def erased_fraction(model: nn.Module) -> float:
     """Fraction of nonzero ΔW entries that vanish when W + ΔW is rounded to W's dtype (model unmerged)."""
+    check_mergeable((n, layer) for n, layer in lora_layers(model) if layer.active_adapter is not None)
     erased = nonzero = 0
     with torch.no_grad():
         for _, layer in lora_layers(model):
@@ -118,6 +119,10 @@ def check_merge_equivalence(model: nn.Module, x, tolerance: float | None = None)
     named = [(n, layer) for n, layer in lora_layers(model) if layer.active_adapter is not None]
     if not named:
         raise ValueError("the model has no active LoRA adapter to merge; call add_lora(...) first")
+    check_mergeable(named)
+    if not isinstance(x, (torch.Tensor, tuple)):
+        raise TypeError(f"x must be the model's input tensor or a tuple of its positional arguments, got a {type(x).__name__}; "
+                        f"for several arguments pass a tuple, e.g. check_merge_equivalence(model, (ids, mask))")
     layers = [layer for _, layer in named]
     args = x if isinstance(x, tuple) else (x,)
     dtype = layers[0].weight.dtype

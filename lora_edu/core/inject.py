@@ -35,6 +35,7 @@ __all__ = [
     "active_adapter",
     "adapter_names",
     "add_lora",
+    "check_mergeable",
     "delete_adapter",
     "disable_lora",
     "find_targets",
@@ -194,6 +195,11 @@ def add_lora(
     check_adapter_name(adapter)
     AdapterConfig(r=r, alpha=alpha, dropout=dropout, rslora=rslora)  # validates the hyper-parameters
     names = find_targets(model, targets)
+    for n in names:
+        kind = getattr(model.get_submodule(n), "adapter_kind", "LoRA")
+        if kind != "LoRA":
+            raise TypeError(f"{n!r} already carries {kind} adapters {sorted(model.get_submodule(n).adapters)}; DoRA and LoRA adapters "
+                            "cannot share a layer here. unload_lora(model, merge=False) first, or target other layers")
     extra = find_trainable_modules(model, trainable_modules, names)
     if adapter in adapter_names(model):
         raise ValueError(
@@ -370,11 +376,20 @@ def lora_B_parameters(model: nn.Module) -> list[nn.Parameter]:
             if layer.active_adapter is not None and layer.lora_factors()[1].requires_grad]
 
 
+def check_mergeable(layers: Iterable[tuple[str, LoRALayer]]) -> None:
+    """Raise ``RuntimeError`` with the layer's own reason if one of ``layers`` can never be merged (e.g. a 4-bit base)."""
+    for n, layer in layers:
+        why = layer.merge_refusal()
+        if why is not None:
+            raise RuntimeError(f"{n!r}: {why}")
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold the active adapter into every base weight: W ← W + s·B A.  Refuses a second merge."""
     layers = [(n, layer) for n, layer in _require_lora(model) if layer.active_adapter is not None]
     if not layers:
         raise RuntimeError("no layer has an active adapter to merge; set_adapter(model, name) first")
+    check_mergeable(layers)
     already = [n for n, layer in layers if layer.merged]
     if already:
         raise RuntimeError(
@@ -408,6 +423,8 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     layers = _require_lora(model)
     if merge and any(layer.disabled for _, layer in layers):
         raise RuntimeError("cannot unload with merge=True inside disable_lora()")
+    if merge:
+        check_mergeable([(n, layer) for n, layer in layers if layer.active_adapter is not None and not layer.merged])
     for _, layer in layers:
         if merge and layer.merged:
             layer._check_merged_factors()  # the merged ΔW is kept: it must still be s·B A (raises before anything changes)
@@ -417,5 +434,6 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
         if not merge and layer.merged:
             layer.unmerge()
         set_submodule(model, name, layer.base)
-    _trainable_registry(model).clear()
+    if "lora_trainable_modules" in vars(model):  # the plain model carries no LoRA bookkeeping
+        del model.lora_trainable_modules
     return model

@@ -1,5 +1,11 @@
-"""Which layers LoRA can wrap, and with which LoRA class — decided by looking at the layer, not by a global registry.
+"""Which layers LoRA can wrap, and with which LoRA class — decided by looking at the layer.
 
+The library registers nothing: the one registry, :data:`USER_LAYER_TYPES`, is filled only by
+explicit :func:`register_lora_layer` calls in user code.  In the order :func:`lora_wrapper` checks:
+
+* a type the user registered with :func:`register_lora_layer` (exact type match);
+* a layer whose class names its own LoRA class in a ``lora_layer_class`` attribute (how
+  :mod:`lora_edu.variants` adds LoRA to a quantised base without touching the core);
 * ``nn.Embedding`` → :class:`LoRAEmbedding`.
 * ``nn.Linear`` → :class:`LoRALinear`.  A *subclass* of ``nn.Linear`` is wrapped when it
   keeps ``nn.Linear``'s maths: either it does not override ``forward``, or a probe
@@ -10,11 +16,6 @@
 * transformers' ``Conv1D`` (GPT-2; W stored (in, out)) → :class:`LoRALinear` with
   ``fan_in_fan_out=True``.  It is recognised when transformers is already imported —
   a model that contains one has imported it — so nothing is imported or registered.
-
-* a layer whose class names its own LoRA class in a ``lora_layer_class`` attribute (how
-  :mod:`lora_edu.variants` adds LoRA to a quantised base without touching the core);
-* a type the user registered with :func:`register_lora_layer` (an explicit call in user code;
-  the library itself never registers anything).
 
 Anything else is refused by :func:`lora_edu.add_lora` with the list of layers that can be wrapped.
 """
@@ -37,7 +38,13 @@ USER_LAYER_TYPES: dict[type[nn.Module], Callable[..., LoRALayer]] = {}
 
 def register_lora_layer(base_type: type[nn.Module], lora_type: Callable[..., LoRALayer]) -> None:
     """Teach :func:`lora_edu.add_lora` to wrap ``base_type`` with ``lora_type`` (exact type match)."""
+    if not (isinstance(base_type, type) and issubclass(base_type, nn.Module)):
+        raise TypeError(f"register_lora_layer: base_type must be an nn.Module subclass (the layer class to wrap), got {base_type!r}")
+    if not callable(lora_type):
+        raise TypeError(f"register_lora_layer: lora_type must be a LoRALayer subclass or a callable "
+                        f"(base, r, alpha, dropout, rslora, adapter=...) -> LoRALayer, got {lora_type!r}")
     USER_LAYER_TYPES[base_type] = lora_type
+
 
 _PROBE_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 

@@ -20,9 +20,12 @@ reads like the paper.
 Merging (§4.1, "No Additional Inference Latency") folds ΔW into W.  The merge is
 correct by construction: ``merge()`` remembers the exact factors it added, freezes
 them (and drops their pending gradients), and ``unmerge()`` subtracts exactly that.
-The active and the merged adapter travel with ``state_dict()`` (as the layer's extra
-state), so a merged checkpoint loaded into a fresh LoRA model with the same adapters is
-not merged a second time, and computes what the saved model computed.
+The active and the merged adapter, and every adapter's r, α and scale rule, travel with
+``state_dict()`` (as the layer's extra state), so a merged checkpoint loaded into a fresh
+LoRA model with the same adapters is not merged a second time and computes what the saved
+model computed; a model whose adapter has another r, α or scale rule refuses the load
+(its s would differ: unmerged it would compute another function, and unmerge would
+subtract another ΔW than the one inside W).
 
 Precision (one policy, :mod:`lora_edu.core.config`): adapters are float32 on a
 bfloat16/float16 base; ΔW is computed in at least float32 and rounded into W once.
@@ -37,9 +40,29 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora_edu.core.config import AdapterConfig, adapter_dtype, check_adapter_name, merge_dtype
+from lora_edu.core.config import AdapterConfig, adapter_dtype, check_adapter_name, merge_dtype, warn_if_rank_exceeds_shape
 
-__all__ = ["LoRALayer", "LoRALinear", "LoRAEmbedding"]
+__all__ = ["LoRALayer", "LoRALinear", "LoRAEmbedding", "read_extra_state"]
+
+
+def read_extra_state(state) -> dict | str:
+    """The layer's ``_extra_state`` from a state dict: a dict (JSON format) or the first format's plain string.
+
+    A damaged entry (not a uint8 tensor of UTF-8 text, or JSON that is not an object) raises ``RuntimeError``.
+    """
+    if not isinstance(state, torch.Tensor):
+        raise RuntimeError(f"the LoRA layer's _extra_state in the state dict is a {type(state).__name__}, not the uint8 tensor "
+                           "that state_dict() writes; the state dict is damaged")
+    try:
+        text = bytes(state.detach().cpu().reshape(-1).tolist()).decode() if state.dtype == torch.uint8 else None
+        fields = json.loads(text) if text is not None and text.startswith("{") else text
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RuntimeError(f"the LoRA layer's _extra_state in the state dict is not valid UTF-8 JSON ({e}); the state dict is "
+                           "damaged. Save it again with model.state_dict()") from None
+    if fields is None or not isinstance(fields, (dict, str)):
+        raise RuntimeError(f"the LoRA layer's _extra_state in the state dict has dtype {state.dtype}, not uint8 JSON; "
+                           "the state dict is damaged")
+    return fields
 
 
 @dataclass
@@ -72,6 +95,8 @@ class LoRALayer(nn.Module):
     """
 
     base: nn.Module
+    #: what kind of adapters the layer holds; :func:`lora_edu.add_lora` adds only to ``"LoRA"`` layers (DoRA says ``"DoRA"``)
+    adapter_kind = "LoRA"
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
@@ -97,10 +122,15 @@ class LoRALayer(nn.Module):
         if self.merged:
             raise RuntimeError(f"adapter {self.merged_adapter!r} is merged into the base weight; unmerge() before adding adapters")
         W = self.weight
-        A, B = self.init_factors(r, device=W.device, dtype=adapter_dtype(W.dtype))
+        A, B = self.init_factors(config.r, device=W.device, dtype=adapter_dtype(W.dtype))
+        self._install_adapter(name, config, A, B)
+
+    def _install_adapter(self, name: str, config: AdapterConfig, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Register fresh factors A (r, in), B (out, r) as adapter ``name`` and make it active; warns when r > min(in, out)."""
+        warn_if_rank_exceeds_shape(config.r, A.shape[1], B.shape[0])
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.adapters[name] = config
         self.set_adapter(name)
 
@@ -184,6 +214,10 @@ class LoRALayer(nn.Module):
         return self.lora_A[name], self.lora_B[name]
 
     # --------------------------------------------------------------------- merge
+    def merge_refusal(self) -> str | None:
+        """Why this layer can never be merged (None: it can).  A quantised base says what to do instead."""
+        return None
+
     def delta_weight(self, name: str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """ΔW = s · B A, in the layout of ``base.weight``: the one place merge arithmetic starts from."""
         name = name or self._active()
@@ -255,26 +289,40 @@ class LoRALayer(nn.Module):
         return out
 
     def get_extra_state(self) -> torch.Tensor:
-        """The active and the merged adapter as UTF-8 JSON — a uint8 tensor, so safetensors can store it."""
+        """The active and the merged adapter, and each adapter's r, α, rslora, as UTF-8 JSON — a uint8 tensor (safetensors)."""
         if self._merged is not None:
             self._check_merged_factors()  # a merged layer whose A or B changed since cannot be described by (W, A, B)
-        state = json.dumps({"active": self.active_adapter, "merged": self.merged_adapter})
+        adapters = {n: {"r": c.r, "alpha": c.alpha, "rslora": c.rslora} for n, c in self.adapters.items()}
+        state = json.dumps({"active": self.active_adapter, "merged": self.merged_adapter, "adapters": adapters})
         return torch.tensor(list(state.encode()), dtype=torch.uint8)
 
     def set_extra_state(self, state) -> None:
-        text = bytes(state.tolist()).decode() if isinstance(state, torch.Tensor) else ""
-        if text.startswith("{"):
-            fields = json.loads(text)
-            active, merged = fields.get("active"), fields.get("merged")
+        fields = read_extra_state(state)
+        if isinstance(fields, dict):
+            active, merged, saved = fields.get("active"), fields.get("merged"), fields.get("adapters", {})
         else:  # the first format: only the merged adapter's name (empty: unmerged)
-            merged = text or None
-            active = merged or self.active_adapter
+            merged = fields or None
+            active, saved = merged or self.active_adapter, {}
+        if not all(n is None or isinstance(n, str) for n in (active, merged)) or not isinstance(saved, dict):
+            raise RuntimeError(f"the LoRA layer's _extra_state in the state dict is damaged: {fields!r}")
         for name in {active, merged} - {None}:
             if name not in self.adapters:
                 raise RuntimeError(f"the state dict names adapter {name!r}, but this layer has adapters {sorted(self.adapters)}; "
                                    "build the model with the same adapters (add_lora) before load_state_dict")
         if merged is not None and active != merged:
             raise RuntimeError(f"the state dict says adapter {merged!r} is merged but {active!r} is active; it is damaged")
+        for name, hp in saved.items():  # states written before this field existed have none: nothing to compare
+            if name not in self.adapters:
+                continue  # its tensors are unexpected keys, which load_state_dict reports
+            cfg = self.adapters[name]
+            if not isinstance(hp, dict) or (hp.get("r"), hp.get("alpha"), hp.get("rslora")) != (cfg.r, cfg.alpha, cfg.rslora):
+                got = hp if not isinstance(hp, dict) else f"r={hp.get('r')}, alpha={hp.get('alpha')}, rslora={hp.get('rslora')}"
+                raise RuntimeError(
+                    f"the state dict's adapter {name!r} has {got} but this layer's has r={cfg.r}, alpha={cfg.alpha}, "
+                    f"rslora={cfg.rslora}: its scale s would differ, so the loaded model would compute another function "
+                    f"(and unmerging would subtract another ΔW than the one merged into W). Build the model with the same "
+                    f"add_lora(..., r=, alpha=, rslora=) as the saved one"
+                )
         self._state_changed_by_load = (active, merged) != (self.active_adapter, self.merged_adapter)
         self.active_adapter = active
         # The factors are loaded after this call; _after_load records them and sets requires_grad.

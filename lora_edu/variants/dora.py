@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from lora_edu.core.config import AdapterConfig, check_adapter_name, merge_dtype
 from lora_edu.core.inject import adapter_names, find_targets, freeze, lora_layers, set_adapter, set_submodule, tied_weights
 from lora_edu.core.kinds import is_transposed_linear, lora_wrapper
-from lora_edu.core.layers import LoRALayer, LoRALinear
+from lora_edu.core.layers import LoRALayer, LoRALinear, read_extra_state
 
 __all__ = ["DoRALinear", "add_dora", "dora_parameters", "dora_weight", "column_norm"]
 
@@ -62,6 +62,8 @@ class DoRALinear(LoRALinear):
     y = x Wᵀ + b + (m/‖V‖_c − 1) ⊙ x̃ Wᵀ + (m/‖V‖_c) ⊙ s·x̃ Aᵀ Bᵀ with x̃ = dropout(x), which is
     x W'ᵀ + b when x̃ = x.
     """
+
+    adapter_kind = "DoRA"  # lora_edu.add_lora refuses to add a plain LoRA adapter here (it would be a DoRA one)
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  adapter: str = "default", fan_in_fan_out: bool = False, detach_norm: bool = True) -> None:
@@ -202,9 +204,9 @@ class DoRALinear(LoRALinear):
         return torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
 
     def set_extra_state(self, state) -> None:
-        super().set_extra_state(state)
-        text = bytes(state.tolist()).decode() if isinstance(state, torch.Tensor) else ""
-        norm = json.loads(text).get("dora_norm") if text.startswith("{") else None  # the core's first format has no JSON
+        super().set_extra_state(state)  # checks the state (a damaged one raises there)
+        fields = read_extra_state(state)
+        norm = fields.get("dora_norm") if isinstance(fields, dict) else None  # the core's first format has no JSON
         if self.merged and not (isinstance(norm, list) and len(norm) == self.out_features):
             raise RuntimeError("the state dict marks this DoRA layer as merged but lacks its norms ‖V‖_c; it cannot be "
                                "unmerged. Save the model unmerged (unmerge_lora before state_dict)")

@@ -70,12 +70,11 @@ class QLoRALinear(LoRALinear):
         config = AdapterConfig(r=r, alpha=alpha, dropout=dropout, rslora=rslora)
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer; delete_adapter() it first or pick another name")
-        A, B = self.init_factors(r, device=self.base.codes.device, dtype=adapter_dtype(self.base.weight_dtype))
-        self.lora_A[name] = nn.Parameter(A)
-        self.lora_B[name] = nn.Parameter(B)
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.adapters[name] = config
-        self.set_adapter(name)
+        A, B = self.init_factors(config.r, device=self.base.codes.device, dtype=adapter_dtype(self.base.weight_dtype))
+        self._install_adapter(name, config, A, B)
+
+    def merge_refusal(self) -> str:
+        return MERGE_REFUSAL
 
     def merged_weight(self, name: str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Ŵ + ΔW formed in float32 (float64 if asked) and rounded once to ``dtype``: a *dequantised* merged copy."""
