@@ -819,6 +819,31 @@ def test_register_lora_layer_checks_its_arguments():
     assert "x" not in USER_LAYER_TYPES and nn.Linear not in USER_LAYER_TYPES
 
 
+def test_peft_modules_to_save_without_their_tensors_is_refused(tmp_path):
+    m = adapted(targets=["fc1"], trainable_modules=["fc2"])
+    folder = L.save_adapter(m, tmp_path / "p", format="peft")
+    tensors = safetensors.torch.load_file(folder / WEIGHTS_NAME)
+    safetensors.torch.save_file({k: v for k, v in tensors.items() if ".fc2." not in f".{k}"}, folder / WEIGHTS_NAME)
+    target = net()
+    before = snapshot(target)
+    with pytest.raises(AdapterFileError, match=r"modules_to_save=\['fc2'\] selects \['fc2'\] .* has no tensors"):
+        L.load_adapter(target, folder)
+    assert_unchanged(target, before)
+
+
+@pytest.mark.parametrize("field,value", [("layers_to_transform", [0]), ("layers_to_transform", 0), ("layers_pattern", "layers")])
+def test_peft_layers_to_transform_and_layers_pattern_are_refused(tmp_path, field, value):
+    folder = L.save_adapter(adapted(targets=["fc1"]), tmp_path / "p", format="peft")
+    cfg = json.loads((folder / CONFIG_NAME).read_text())
+    cfg[field] = value
+    (folder / CONFIG_NAME).write_text(json.dumps(cfg))
+    target = net()
+    before = snapshot(target)
+    with pytest.raises(AdapterFileError, match=f"{field}=.* is not supported"):
+        L.load_adapter(target, folder)
+    assert_unchanged(target, before)
+
+
 def test_numpy_scalars_are_accepted_and_stored_as_python_numbers():
     np = pytest.importorskip("numpy")
     m = L.add_lora(net(), ["fc1"], r=np.int64(2), alpha=np.float32(16), dropout=np.float64(0.1))
@@ -831,6 +856,56 @@ def test_numpy_scalars_are_accepted_and_stored_as_python_numbers():
             L.add_lora(net(), ["fc1"], r=bad, alpha=4)
         with pytest.raises(TypeError, match="alpha must be a finite positive number"):
             L.add_lora(net(), ["fc1"], r=2, alpha=bad)
+
+
+@pytest.mark.parametrize("field,value", [("r", 999), ("alpha", -3), ("scale_rule", "alpha/sqrt(r)"), ("r", True)])
+def test_native_top_level_settings_must_agree_with_the_layers(tmp_path, field, value):
+    path = L.save_adapter(adapted(), tmp_path / "a.safetensors")
+    rewrite_native(path, lambda cfg: cfg.update({field: value}))
+    target = net()
+    before = snapshot(target)
+    with pytest.raises(AdapterFileError, match=f"top-level {field}=.* contradicts its layers"):
+        L.load_adapter(target, path)
+    assert_unchanged(target, before)
+
+
+def test_native_base_shape_must_match_the_models_layer(tmp_path):
+    path = L.save_adapter(adapted(), tmp_path / "a.safetensors")
+    assert read_layers(path)["fc1"]["base_shape"] == [5, 4]  # (out, in)
+    rewrite_native(path, lambda cfg: cfg["layers"]["fc1"].update(base_shape=[5, 40]))
+    target = net()
+    before = snapshot(target)
+    with pytest.raises(AdapterFileError, match=r"base layer of shape \(out, in\) = \(5, 40\) but this model's Linear is \(5, 4\)"):
+        L.load_adapter(target, path)
+    assert_unchanged(target, before)
+
+
+def read_layers(path):
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["config"])["layers"]
+
+
+def test_native_file_of_an_older_version_with_LoRAConv1D_still_loads_but_errors_do_not_advertise_it(tmp_path):
+    path = L.save_adapter(adapted(targets=["fc1"]), tmp_path / "a.safetensors")
+    rewrite_native(path, lambda cfg: cfg["layers"]["fc1"].update(type="LoRAConv1D"))
+    assert isinstance(L.load_adapter(net(), path).fc1, L.LoRALinear)
+    rewrite_native(path, lambda cfg: cfg["layers"]["fc1"].update(type="Bogus"))
+    with pytest.raises(AdapterFileError, match="unknown layer type 'Bogus'") as err:
+        L.load_adapter(net(), path)
+    assert "LoRAConv1D" not in str(err.value)
+
+
+@pytest.mark.parametrize("fmt", ["lora_edu", "peft"])
+def test_loading_over_a_same_name_adapter_with_another_dropout_is_refused(tmp_path, fmt):
+    path = L.save_adapter(adapted(targets=["fc1", "fc2"], dropout=0.3), tmp_path / "a", format=fmt)
+    target = adapted(targets=["fc1", "fc2"], dropout=0.0)
+    before = snapshot(target)
+    with pytest.raises(AdapterFileError, match=r"dropout=0 in the model but dropout=0.3 in the file"):
+        L.load_adapter(target, path)
+    assert_unchanged(target, before)
+    L.delete_adapter(target, "default")
+    L.load_adapter(target, path)  # as the message says: the file's dropout is then used
+    assert target.fc1.adapters["default"].dropout == 0.3
 
 
 @pytest.mark.parametrize("alpha,rslora", [(1e308, False), (1e39, True)])

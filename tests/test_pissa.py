@@ -82,3 +82,30 @@ def test_conversion_needs_the_initial_factors_and_refuses_other_layers():
     q = add_qlora(nn.Sequential(nn.Linear(64, 64)), ["0"], r=2, alpha=2)
     with pytest.raises(TypeError, match="no float W"):
         pissa_init(q[0])
+
+
+@pytest.mark.parametrize("fmt", ["lora_edu", "peft"])
+def test_saving_a_pissa_adapter_warns_records_pissa_and_loading_it_warns(tmp_path, fmt):
+    import json
+
+    import safetensors
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(10, 12), nn.Tanh(), nn.Linear(12, 4)).double()
+    model = add_pissa(copy.deepcopy(base), ["0", "2"], r=3, alpha=6)
+    with pytest.warns(UserWarning, match=r"initialised with PiSSA .* only on that modified base.*pissa_to_lora") as rec:
+        path = lora_edu.save_adapter(model, tmp_path / "a", format=fmt)
+    assert rec[0].filename == __file__  # the warning points at the caller's line
+    if fmt == "peft":
+        assert json.loads((path / "adapter_config.json").read_text())["init_lora_weights"] == "pissa"
+    else:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            assert json.loads(f.metadata()["config"])["init"] == "pissa"
+    with pytest.warns(UserWarning, match="pissa"):
+        lora_edu.load_adapter(copy.deepcopy(base), path)
+    # the documented way out: convert to plain LoRA on the original base; that saves without a warning
+    plain = apply_converted(copy.deepcopy(base), pissa_to_lora(model))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lora_edu.save_adapter(plain, tmp_path / "b", format=fmt)

@@ -10,7 +10,10 @@ plus ``modules.<parameter path>`` for the declared fully trainable modules (e.g.
 head).  The safetensors header metadata holds ``{"format": "lora_edu.adapter",
 "format_version": "1", "config": <JSON>}``; the JSON config records the adapter name,
 per-layer ``type``, ``base_shape``, ``r``, ``alpha``, ``rslora``, ``dropout``, the
-trainable modules, dtype and library version.
+trainable modules, ``init`` (``"pissa"`` for a PiSSA-initialised adapter, which fits only
+its modified base: saving and loading warn), dtype and library version.  The top-level
+``r`` / ``alpha`` / ``scale_rule`` must agree with the layers (null when they differ), and
+each ``base_shape`` with the model's layer.
 
 Reading is strict: every field is type-checked (``"rslora": "false"`` is an error, not
 True), every tensor must be declared, and :func:`~lora_edu.adapters.state.apply_adapter_state`
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import safetensors
@@ -30,14 +34,15 @@ import torch.nn as nn
 from lora_edu._version import __version__
 from lora_edu.adapters.state import AdapterFileError, AdapterState, LayerState, adapter_state, apply_adapter_state
 from lora_edu.atomic import atomic_write_bytes
-from lora_edu.core.config import AdapterConfig, scale_rule
+from lora_edu.core.config import AdapterConfig, scale_rule, user_stacklevel
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "encode_native", "decode_native", "read_adapter_config", "save_native", "load_native"]
 
 FORMAT = "lora_edu.adapter"
 FORMAT_VERSION = "1"
 _TYPE_OF_KIND = {"linear": "LoRALinear", "embedding": "LoRAEmbedding"}
-_KIND_OF_TYPE = {"LoRALinear": "linear", "LoRAConv1D": "linear", "LoRAEmbedding": "embedding", "DoRALinear": "linear"}
+_KIND_OF_TYPE = {"LoRALinear": "linear", "LoRAEmbedding": "embedding", "DoRALinear": "linear"}
+_OLD_TYPES = {"LoRAConv1D": "linear"}  # written by older versions (GPT-2's Conv1D is a LoRALinear now): read, not advertised
 
 
 def encode_native(state: AdapterState) -> bytes:
@@ -62,6 +67,7 @@ def encode_native(state: AdapterState) -> bytes:
         "targets": list(state.layers),
         "layers": layers,
         "trainable_modules": list(state.trainable_modules),
+        "init": state.init,  # "pissa": the adapter fits only the base whose W was replaced by W_res (the loader warns)
         "dtype": str(next(iter(state.layers.values())).A.dtype).replace("torch.", ""),
         "library": "lora_edu",
         "library_version": __version__,
@@ -126,7 +132,7 @@ def decode_native(path: str | os.PathLike, name: str | None = None) -> AdapterSt
         at = f"{where}: layer {mod!r}"
         if not isinstance(lc, dict):
             raise AdapterFileError(f"{at}: settings must be an object")
-        kind = _KIND_OF_TYPE.get(lc.get("type"))
+        kind = _KIND_OF_TYPE.get(lc.get("type")) or _OLD_TYPES.get(lc.get("type"))
         if kind is None:
             raise AdapterFileError(f"{at}: unknown layer type {lc.get('type')!r}; expected one of {sorted(_KIND_OF_TYPE)}")
         rslora = _field(at, lc, "rslora", bool, "true or false")
@@ -139,21 +145,56 @@ def decode_native(path: str | os.PathLike, name: str | None = None) -> AdapterSt
         except KeyError as e:
             raise AdapterFileError(f"{at}: tensor {e.args[0]!r} is missing (truncated or edited file?)") from None
         base_shape = lc.get("base_shape")
-        if not (isinstance(base_shape, list) and len(base_shape) == 2):
-            raise AdapterFileError(f"{at}: base_shape must be [out, in], got {base_shape!r}")
+        if not (isinstance(base_shape, list) and len(base_shape) == 2
+                and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in base_shape)):
+            raise AdapterFileError(f"{at}: base_shape must be [out, in] (two positive ints), got {base_shape!r}")
         m = None
         if lc.get("type") == "DoRALinear":
             m = tensors.get(f"{mod}.lora_magnitude")
             if m is None:
                 raise AdapterFileError(f"{at}: a DoRALinear layer needs its magnitude tensor {mod + '.lora_magnitude'!r}, which is missing")
-        layers[mod] = LayerState(kind, config, A, B, m)
+        layers[mod] = LayerState(kind, config, A, B, m, base_shape=(base_shape[0], base_shape[1]))
+    _check_top_level(where, cfg, layers)
+    init = cfg.get("init")
+    if init is not None and not isinstance(init, str):
+        raise AdapterFileError(f"{where}: init must be null or a string, got {init!r}")
+    if init == "pissa":
+        warnings.warn(
+            f"{where}: init 'pissa': this adapter was initialised with PiSSA, which replaced the base weights W by the residual "
+            "W_res; it reproduces the saved model only on that modified base, not on the original one. Convert it to plain LoRA "
+            "with lora_edu.variants.pissa_to_lora before saving to share it",
+            stacklevel=user_stacklevel(),
+        )
     modules = {k[len("modules."):]: t for k, t in tensors.items() if k.startswith("modules.")}
     expected = {f"{m}.lora_{f}" for m in layers for f in "AB"} | {f"modules.{k}" for k in modules}
     expected |= {f"{m}.lora_magnitude" for m, ls in layers.items() if ls.m is not None}
     unexpected = sorted(set(tensors) - expected)
     if unexpected:
         raise AdapterFileError(f"{where}: tensors {unexpected[:4]} are not declared in the file's config; the file was edited or is damaged")
-    return AdapterState(name, layers, trainable, modules)
+    return AdapterState(name, layers, trainable, modules, init=init)
+
+
+def _check_top_level(where: str, cfg: dict, layers: dict[str, LayerState]) -> None:
+    """The top-level ``r`` / ``alpha`` / ``scale_rule`` summarise the layers (null when they differ): they must agree.
+
+    Skipped when a layer's factors contradict its own r: the shape check then says precisely what is wrong.
+    """
+    if any(ls.A.ndim != 2 or ls.B.ndim != 2 or ls.A.shape[0] != ls.config.r or ls.B.shape[1] != ls.config.r for ls in layers.values()):
+        return
+    configs = {(ls.config.r, ls.config.alpha, ls.config.rslora) for ls in layers.values()}
+    r, alpha, rslora = next(iter(configs)) if len(configs) == 1 else (None, None, None)
+    expected = {"r": r, "alpha": alpha, "scale_rule": scale_rule(rslora) if r is not None else None}
+    for key, want in expected.items():
+        if key not in cfg:
+            continue  # absent: nothing to contradict
+        got = cfg[key]
+        same = got == want and isinstance(got, bool) == isinstance(want, bool)
+        if not same:
+            raise AdapterFileError(
+                f"{where}: the config's top-level {key}={got!r} contradicts its layers, which give {key}={want!r} "
+                f"({'one setting for all layers' if r is not None else 'the layers differ, so it must be null'}); "
+                "the file was edited or is damaged"
+            )
 
 
 def save_native(model: nn.Module, path: str | os.PathLike, adapter: str | None = None) -> Path:

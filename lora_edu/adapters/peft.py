@@ -31,7 +31,8 @@ rescaling: s = lora_alpha / r, or lora_alpha / √r with ``use_rslora``.
 
 Loading validates the whole folder (config, every key, every shape, finiteness) before
 it changes the model, and refuses what lora_edu cannot compute identically — LoRA biases,
-``bias != "none"``, aLoRA, trainable tokens, DoRA on embeddings, layer types it cannot wrap —
+``bias != "none"``, aLoRA, trainable tokens, DoRA on embeddings, ``layers_to_transform`` /
+``layers_pattern``, ``modules_to_save`` without their tensors, layer types it cannot wrap —
 with an :class:`~lora_edu.adapters.AdapterFileError` saying why.  Per-module ranks and
 alphas (``rank_pattern`` / ``alpha_pattern``) are supported with PEFT's matching rule.
 DoRA (``use_dora=true``) on linear layers is read and written: the magnitude vector m (out,)
@@ -197,7 +198,8 @@ def to_peft_state_dict(model: nn.Module, adapter: str | None = None) -> tuple[di
         "bias": "none",
         "use_rslora": rsloras.pop(),
         "modules_to_save": state.trainable_modules or None,
-        "init_lora_weights": True,
+        # "pissa": A, B only fit the base whose W became W_res; PEFT's loader (and ours) then warn, as adapter_state did here
+        "init_lora_weights": "pissa" if state.init == "pissa" else True,
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": rank_pattern,
@@ -314,6 +316,13 @@ def read_peft_config(path: str | os.PathLike) -> dict:
             raise AdapterFileError(f"{where}: {field} must be null, a string or a list of module names, got {v!r}")
     if not isinstance(cfg.get("use_rslora", False), bool):
         raise AdapterFileError(f"{where}: use_rslora must be true or false, got {cfg['use_rslora']!r}")
+    for field in ("layers_to_transform", "layers_pattern"):
+        if cfg.get(field) not in (None, [], ""):
+            raise AdapterFileError(
+                f"{where}: {field}={cfg[field]!r} is not supported: PEFT then adapts only the target modules inside the listed "
+                "layer indices, a selection lora_edu does not implement. Nothing was loaded. Re-save the adapter with "
+                "explicit module paths in target_modules (e.g. 'model.layers.0.self_attn.q_proj')"
+            )
     dropout = cfg.get("lora_dropout", 0.0)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise AdapterFileError(f"{where}: lora_dropout must be in [0, 1), got {dropout!r}")
@@ -462,19 +471,18 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | 
             f"{folder}: the file has weights for {not_targeted[:4]}, which target_modules={tm!r} does not select; "
             "config and weights disagree"
         )
-    if not cfg.get("layers_to_transform"):
-        targeted = {
-            n for n in base_names
-            if _peft_targets(tm, n) and not _peft_excluded(excl, n)
-            and not any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", n) for m in modules_to_save)
-            and (isinstance(model.get_submodule(n), LoRALayer) or lora_wrapper(model.get_submodule(n)) is not None)
-        }
-        missing_layers = sorted(targeted - set(factors))
-        if missing_layers:
-            raise AdapterFileError(
-                f"{folder}: target_modules={tm!r} selects {missing_layers[:4]} in this model but the file has no weights for "
-                f"{'it' if len(missing_layers) == 1 else 'them'} ({len(missing_layers)} layers). Wrong base model, or a truncated file?"
-            )
+    targeted = {
+        n for n in base_names
+        if _peft_targets(tm, n) and not _peft_excluded(excl, n)
+        and not any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", n) for m in modules_to_save)
+        and (isinstance(model.get_submodule(n), LoRALayer) or lora_wrapper(model.get_submodule(n)) is not None)
+    }
+    missing_layers = sorted(targeted - set(factors))
+    if missing_layers:
+        raise AdapterFileError(
+            f"{folder}: target_modules={tm!r} selects {missing_layers[:4]} in this model but the file has no weights for "
+            f"{'it' if len(missing_layers) == 1 else 'them'} ({len(missing_layers)} layers). Wrong base model, or a truncated file?"
+        )
 
     rslora = cfg.get("use_rslora", False)
     dropout = cfg.get("lora_dropout", 0.0)
@@ -516,6 +524,18 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | 
                 "Load the base model the adapter was trained on (or resize/copy those embeddings first). Nothing was loaded"
             )
 
+    # PEFT refuses a modules_to_save entry whose module has no tensors in the file; loading would keep the model's own
+    # (e.g. randomly initialised) head while the adapter was trained with another one.
+    saved_keys = [key for key, _ in saved_modules]
+    empty = [p for p in (modules_to_save_paths(model, modules_to_save) if modules_to_save else [])
+             if any(True for _ in _base_of(model.get_submodule(p)).parameters())
+             and not any(k.startswith(p + ".") for k in saved_keys)]
+    if empty:
+        raise AdapterFileError(
+            f"{folder}: modules_to_save={modules_to_save!r} selects {empty[:4]} in this model but {WEIGHTS_NAME} has no tensors for "
+            f"{'it' if len(empty) == 1 else 'them'} (keys '{PEFT_PREFIX}{empty[0]}.<parameter>'): the adapter was trained with "
+            "other values there. Truncated file, or another base model? Nothing was loaded"
+        )
     trainable = []
     for key, _ in saved_modules:
         owner = next(m for m in modules_to_save_paths(model, modules_to_save) if key.startswith(m + "."))

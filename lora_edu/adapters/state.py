@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from lora_edu.core.config import AdapterConfig, adapter_dtype, check_adapter_name
+from lora_edu.core.config import AdapterConfig, adapter_dtype, check_adapter_name, user_stacklevel
 from lora_edu.core.inject import (
     adapter_names,
     base_module_names,
@@ -34,6 +34,7 @@ from lora_edu.core.kinds import is_transposed_linear, layer_kind, lora_wrapper, 
 from lora_edu.core.layers import LoRALayer, LoRALinear
 from lora_edu.variants.dora import DoRALinear
 from lora_edu.variants.nf4 import NF4Linear
+from lora_edu.variants.pissa import is_pissa_adapter
 
 __all__ = ["AdapterFileError", "AdapterState", "LayerState", "adapter_state", "apply_adapter_state", "resolve_adapter", "layer_shape"]
 
@@ -51,6 +52,7 @@ class LayerState:
     A: torch.Tensor  # (r, in)
     B: torch.Tensor  # (out, r)
     m: torch.Tensor | None = None  # (out,) DoRA's magnitude vector (lora_edu.variants.dora); None for plain LoRA
+    base_shape: tuple[int, int] | None = None  # (out, in) of the base layer the file was saved from (native files)
 
 
 @dataclass
@@ -61,6 +63,7 @@ class AdapterState:
     layers: dict[str, LayerState]
     trainable_modules: list[str] = field(default_factory=list)
     modules: dict[str, torch.Tensor] = field(default_factory=dict)  # full parameter path -> tensor
+    init: str | None = None  # "pissa": the adapter was initialised from W's SVD and W replaced by W_res (see adapter_state)
 
 
 def resolve_adapter(model: nn.Module, adapter: str | None) -> str:
@@ -82,9 +85,19 @@ def adapter_state(model: nn.Module, adapter: str | None = None) -> AdapterState:
     """The adapter ``adapter`` (default: the active one) of ``model``, detached on the CPU.
 
     Warns when other parameters are trainable (e.g. an unfrozen base layer): their
-    changes are not part of the adapter and would be lost.
+    changes are not part of the adapter and would be lost.  Warns, and records
+    ``init="pissa"``, for a PiSSA adapter: it only fits the base whose W it replaced by W_res.
     """
     name = resolve_adapter(model, adapter)
+    pissa = [path for path, layer in lora_layers(model) if is_pissa_adapter(layer, name)]
+    if pissa:
+        warnings.warn(
+            f"adapter {name!r} was initialised with PiSSA (add_pissa/pissa_init), which replaced W by the residual W_res in "
+            f"{pissa[:2]}{' …' if len(pissa) > 2 else ''}: the saved A and B compute the trained model only on that modified base, "
+            "not on the original one (the file records init 'pissa'). To share it for the original base, convert it with "
+            "lora_edu.variants.pissa_to_lora(model) and apply_converted(original_model, conversion), then save that",
+            stacklevel=user_stacklevel(),
+        )
     layers = {}
     for path, layer in lora_layers(model):
         if name in layer.adapters:
@@ -103,7 +116,7 @@ def adapter_state(model: nn.Module, adapter: str | None = None) -> AdapterState:
             "whatever they learned is not saved. Freeze them, or declare their module with add_lora(..., trainable_modules=[...])",
             stacklevel=3,
         )
-    return AdapterState(name, layers, extra, modules)
+    return AdapterState(name, layers, extra, modules, init="pissa" if pissa else None)
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:
@@ -127,8 +140,8 @@ def apply_adapter_state(model: nn.Module, state: AdapterState, cast: bool = Fals
     """Put ``state`` into ``model`` as the active adapter: validate everything, then apply.
 
     The model may be plain (layers are wrapped as needed) or already carry LoRA; an
-    adapter of the same name must cover the same layers with the same r, α and scale
-    rule (its A and B are overwritten).  ``cast=True`` converts factors whose dtype
+    adapter of the same name must cover the same layers with the same r, α, scale
+    rule and dropout (linear layers; its A and B are overwritten).  ``cast=True`` converts factors whose dtype
     differs from the model's adapter dtype; otherwise that is an error.
     """
     prefix = f"{where}: " if where else ""
@@ -167,12 +180,21 @@ def apply_adapter_state(model: nn.Module, state: AdapterState, cast: bool = Fals
         if A.ndim != 2 or B.ndim != 2 or tuple(A.shape) != (r, n_in) or tuple(B.shape) != (n_out, r):
             fail(f"{path!r} has A {tuple(A.shape)} and B {tuple(B.shape)}; with r={r} this {type(module).__name__} "
                  f"(in={n_in}, out={n_out}) needs A {(r, n_in)} and B {(n_out, r)}. Different model size, or wrong rank?")
+        if ls.base_shape is not None and tuple(ls.base_shape) != (n_out, n_in):
+            fail(f"{path!r}: the file was saved from a base layer of shape (out, in) = {tuple(ls.base_shape)} but this model's "
+                 f"{type(_base(module)).__name__} is ({n_out}, {n_in}); was the adapter saved from another model?")
         if isinstance(module, LoRALayer) and name in module.adapters:
             cfg = module.adapters[name]
             if (cfg.r, cfg.alpha, cfg.rslora) != (r, ls.config.alpha, ls.config.rslora):
                 fail(f"{path!r} has adapter {name!r} with r={cfg.r}, alpha={cfg.alpha:g}, scale {cfg.scale_rule} in the model "
                      f"but r={r}, alpha={ls.config.alpha:g}, scale {ls.config.scale_rule} in the file (the scale s would "
                      f"silently change); delete_adapter(model, {name!r}) first or load under another name")
+            # Dropout is the adapter's training setting: loading over an adapter must not silently keep another one.
+            # (Embeddings store dropout but never apply it, as in PEFT, so theirs is not compared.)
+            if ls.kind == "linear" and cfg.dropout != ls.config.dropout:
+                fail(f"{path!r} has adapter {name!r} with dropout={cfg.dropout:g} in the model but dropout={ls.config.dropout:g} "
+                     f"in the file; training on would silently use the model's. delete_adapter(model, {name!r}) first "
+                     "(the file's dropout is then used) or load under another name")
             target = module.lora_A[name].dtype
         else:
             target = adapter_dtype(module.weight_dtype if isinstance(module, NF4Linear) else module.weight.dtype)
@@ -251,6 +273,10 @@ def apply_adapter_state(model: nn.Module, state: AdapterState, cast: bool = Fals
         model.get_submodule(m).requires_grad_(True)
     set_trainable_modules(model, name, declared)
     return model
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return module.base if isinstance(module, LoRALayer) else module
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

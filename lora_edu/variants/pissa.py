@@ -32,7 +32,7 @@ from lora_edu.core.config import merge_dtype, scale_of
 from lora_edu.core.inject import add_lora, lora_layers
 from lora_edu.core.layers import LoRALinear
 
-__all__ = ["pissa_factors", "pissa_init", "add_pissa", "PiSSAConversion", "pissa_to_lora", "apply_converted"]
+__all__ = ["pissa_factors", "pissa_init", "add_pissa", "PiSSAConversion", "pissa_to_lora", "apply_converted", "is_pissa_adapter"]
 
 
 def pissa_factors(W: torch.Tensor, r: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -74,6 +74,11 @@ def pissa_init(layer: LoRALinear, name: str | None = None) -> None:
         layer.weight.copy_(W_res.T if layer.fan_in_fan_out else W_res)
     initial = layer.__dict__.setdefault("pissa_initial", {})
     initial[name] = (A_.detach().clone(), B_.detach().clone())
+
+
+def is_pissa_adapter(layer: nn.Module, name: str) -> bool:
+    """True when adapter ``name`` of ``layer`` was initialised by :func:`pissa_init` (so W is now W_res)."""
+    return name in getattr(layer, "pissa_initial", {})
 
 
 def add_pissa(model: nn.Module, targets: str | Sequence[str], r: int, alpha: float, dropout: float = 0.0,
