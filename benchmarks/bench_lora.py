@@ -539,7 +539,8 @@ def main(argv=None) -> dict:
                     help="add a torch.compile pass (a 'compiled' column, with its peak memory) to every row")
     ap.add_argument("--quick", action="store_true",
                     help="issue 15's table: the rows of QUICK_MODES in their modes (eager, CUDA graph, torch.compile), "
-                         "then bench_mixed.py into the same --out-dir (about 6 minutes on one H200); results stem gets '_quick'")
+                         "with bench_mixed.py (run between the CUDA-graph and the compile pass) into the same --out-dir; "
+                         "results stem gets '_quick'; <stem>.partial.json holds the rows measured so far")
     ap.add_argument("--no-compile", action="store_true", help="--quick without its torch.compile pass")
     ap.add_argument("--no-mixed", action="store_true", help="--quick without the mixed-adapter benchmark (bench_mixed.py)")
     ap.add_argument("--profile", action="store_true", help="CUDA only: per-kernel time of floor vs lora_edu r=8 all linear")
@@ -632,6 +633,13 @@ def main(argv=None) -> dict:
             r["ms_graph"], r["ms_graph_all"] = rg["ms"], rg["ms_all"]
             print(f"  {name:<50} {r['ms_graph']:9.2f} ms  (CUDA graph)", flush=True)
             checkpoint()
+    mixed = None
+    if args.quick and not args.no_mixed:  # many adapters in one batch (issue 15's last goal), before the long compile pass
+        import bench_mixed
+
+        margs = ["--size", size_name, "--device", str(device), "--out-dir", str(out_dir)] + (["--no-peft"] if not has_peft else [])
+        margs += (["--steps", str(args.steps)] if args.steps else []) + (["--warmup", str(args.warmup)] if args.warmup is not None else [])
+        mixed = bench_mixed.main(margs + (["--no-write"] if args.no_write else []) + (["--no-graphs"] if not graphs else []))
     # third pass: each configuration built fresh and compiled (compilation happens in the warm-up)
     for r, (name, kind, builder, options, partner) in zip(rows, configs):
         if C in modes(name):
@@ -642,21 +650,15 @@ def main(argv=None) -> dict:
             checkpoint()
     add_ratios(rows, partners)
     goal_rows = goals(rows) if device.type == "cuda" else [gr for gr in goals(rows) if "memory" not in gr[0]]
+    if mixed is not None:
+        goal_rows = goal_rows + [(m["goal"], m["measured"], m["target"], m["met"]) for m in mixed["goals"]]
     text = render(meta, rows, goal_rows, check)
+    if mixed is not None:
+        text += "\n## Many adapters in one batch (bench_mixed.py)\n\n" + bench_mixed.render(mixed["meta"], mixed["rows"], []).split("\n", 2)[2]
     if args.profile and device.type == "cuda":
         out_dir.mkdir(parents=True, exist_ok=True)
         prof = profile_pair(size, device, precision, data, out_dir)
         text += "\n## Where the time goes: CUDA kernels per training step, floor vs lora_edu r=8 all linear\n\n" + prof + "\n"
-    mixed = None
-    if args.quick and not args.no_mixed:  # many adapters in one batch (issue 15's last goal), into the same folder
-        import bench_mixed
-
-        margs = ["--size", size_name, "--device", str(device), "--out-dir", str(out_dir)] + (["--no-peft"] if not has_peft else [])
-        margs += (["--steps", str(args.steps)] if args.steps else []) + (["--warmup", str(args.warmup)] if args.warmup is not None else [])
-        mixed = bench_mixed.main(margs + (["--no-write"] if args.no_write else []) + (["--no-graphs"] if not graphs else []))
-        goal_rows = goal_rows + [(m["goal"], m["measured"], m["target"], m["met"]) for m in mixed["goals"]]
-        text = render(meta, rows, goal_rows, check) + "\n## Many adapters in one batch (bench_mixed.py)\n\n" + bench_mixed.render(
-            mixed["meta"], mixed["rows"], []).split("\n", 2)[2]
     print()
     print(text)
     goal_dicts = [dict(goal=a, measured=b, target=c, met=d) for a, b, c, d in goal_rows]
