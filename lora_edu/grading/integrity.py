@@ -100,6 +100,32 @@ def _function_state(fn) -> tuple:
     return (id(fn.__code__), hash(fn.__code__.co_code), id(fn.__defaults__), id(fn.__kwdefaults__), id(fn.__closure__))
 
 
+def settle_lazy_imports() -> None:
+    """Import now what torch imports lazily *and* uses to replace its own functions.
+
+    Constructing any optimizer calls a ``torch._compile``-wrapped method, which imports
+    ``torch._dynamo`` on first use; that import replaces ``torch.manual_seed`` by a
+    wrapper.  Without this, a correct notebook that builds an optimizer looks as if it
+    had patched the checker.  Also imports ``numpy.random``, watched by the snapshot.
+    """
+    import torch
+
+    try:
+        import torch._dynamo  # noqa: F401
+    except Exception:  # noqa: BLE001 - a torch without dynamo has nothing to settle
+        pass
+    try:
+        import torch.optim
+
+        torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)  # any other lazy work done on first construction
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        import numpy.random  # noqa: F401
+    except ImportError:
+        pass
+
+
 class CheckerSnapshot:
     """What the checker is made of, by identity; :meth:`changes` lists what differs now.
 
@@ -110,6 +136,7 @@ class CheckerSnapshot:
 
     def __init__(self, exercises: dict[str, Exercise]):
         self.exercises = exercises
+        settle_lazy_imports()
         self._capture_now = self._capture  # bound now: patching the class later does not change what is compared
         self.state = self._capture_now()
 
