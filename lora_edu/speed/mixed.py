@@ -32,7 +32,8 @@ Decisions:
   ``disable_lora``, an input whose first dimension is not ``len(names_per_row)``, dropout
   in training mode, and layers whose forward is not base + ``lora_forward`` (e.g. DoRA)
   when rows ask for their adapters;
-* meant for inference; under autograd, gradients reach the factors that require them.
+* meant for inference (eager, or captured in a CUDA graph); under autograd, gradients reach the
+  factors that require them.  Not tried under ``torch.compile`` (the hooks would be traced).
 """
 from __future__ import annotations
 
