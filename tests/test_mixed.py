@@ -171,10 +171,11 @@ def test_stack_cached_under_no_grad_and_refreshed_after_in_place_change():
         layer = model.blocks[0].attn.q_proj
         plan = next(h.__self__ for h in layer._forward_hooks.values())
         assert isinstance(plan, _LayerPlan) and len(plan._stack) == 1
+        assert plan._rows  # a small batch keeps its gathered rows too
         stack_id = id(next(iter(plan._stack.values()))[1])
         model(x)
         assert id(next(iter(plan._stack.values()))[1]) == stack_id  # reused
-        layer.lora_B["b"].mul_(2.0)  # in place: the version counter moves, the stack is rebuilt
+        layer.lora_B["b"].mul_(2.0)  # in place: the version counter moves, the stack and the gathered rows are rebuilt
         y = model(x)
         assert id(next(iter(plan._stack.values()))[1]) != stack_id
     assert (y - _alone(model, x, names)).abs().max().item() < TOL64
