@@ -31,7 +31,10 @@ def test_make_student_and_copy_solutions(tmp_path):
     for f in files:
         nb = read_notebook(tmp_path / "s" / f)
         text = json.dumps(nb)
-        assert "BEGIN SOLUTION" not in text and "HIDDEN TESTS" not in text and "graded(" not in text
+        assert "BEGIN SOLUTION" not in text and "HIDDEN TESTS" not in text
+        # the grade cell is visible (no hidden tests: nbgrader's checksum of a cell with hidden tests never matches) and
+        # does nothing outside grading
+        assert text.count("graded(") == 1
         assert nb["metadata"]["lora_edu"]["student_copy"]
     assert main(["exercises", "make-student", str(tmp_path / "s")]) == 1  # refuses to overwrite
     assert main(["exercises", "make-student", str(tmp_path / "s"), "lora_linear", "--force"]) == 0

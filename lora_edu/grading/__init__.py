@@ -7,7 +7,9 @@ The exercise sources (with solutions) are instructor material: they live in
 grades submitted notebooks, each in its own process; the sources also carry
 nbgrader's cell metadata (see docs/instructors.md).
 """
-from .checks import EXERCISES, check, graded
+from .checks import EXERCISES, arm_kernel_snapshot, check, graded
 from .result import CaseResult, CheckResult
+
+arm_kernel_snapshot()  # under nbgrader autograde: before any student cell runs
 
 __all__ = ["EXERCISES", "CaseResult", "CheckResult", "check", "graded"]

@@ -68,10 +68,59 @@ class Named(Fail):
 _VARIANT: contextvars.ContextVar[int] = contextvars.ContextVar("lora_edu_grading_variant", default=0)
 
 
+# A private copy of random.Random's methods, taken at import (before any student code): a notebook that
+# patches random.Random (its seed, randint, ...) does not change the values the cases draw.
+_CaseRandom = type("_CaseRandom", (random.Random,), {k: v for k, v in vars(random.Random).items()
+                                                      if callable(v) and k not in ("__init_subclass__", "__new__", "__class__")})
+_CaseRandom.__init__ = random.Random.__init__
+
+
 def case_random(tag: int | str) -> random.Random:
-    """A ``random.Random`` for one fixture of one case, drawn from the run's variant seed."""
+    """A private ``random.Random`` for one fixture of one case, drawn from the run's variant seed."""
     variant = _VARIANT.get()
-    return random.Random(tag if variant == 0 else f"{variant}:{tag}")
+    return _CaseRandom(tag if variant == 0 else f"{variant}:{tag}")
+
+
+# ----------------------------------------------------------------------------- reference objects in student answers
+
+REFERENCE_SEEN: list[str] = []  # lora_edu reference classes found inside objects a student's answer built
+
+
+def scan_for_reference(obj, what: str, names: tuple[str, ...]) -> None:
+    """Record any instance of lora_edu's reference classes ``names`` inside ``obj`` (submodules, attributes, one container deep)."""
+    seen: set[int] = set()
+    stack = [(obj, what, 0)]
+    while stack:
+        o, path, depth = stack.pop()
+        if id(o) in seen or depth > 4:
+            continue
+        seen.add(id(o))
+        t = type(o)
+        mod = getattr(t, "__module__", "") or ""
+        if mod.startswith("lora_edu.") and not mod.startswith("lora_edu.grading") and t.__name__ in names:
+            msg = f"{what} holds lora_edu's reference {t.__name__} ({mod}) at {path}: the answer wraps the reference implementation"
+            if msg not in REFERENCE_SEEN:
+                REFERENCE_SEEN.append(msg)
+            continue
+        try:
+            attrs = dict(vars(o)) if hasattr(o, "__dict__") and not isinstance(o, type) else {}
+        except TypeError:
+            attrs = {}
+        for key in ("_modules",):
+            inner = attrs.pop(key, None)
+            if isinstance(inner, dict):
+                attrs.update({f"{k}": v for k, v in inner.items()})
+        for k, v in attrs.items():
+            if isinstance(v, (list, tuple, set)):
+                for n, item in enumerate(list(v)[:64]):
+                    stack.append((item, f"{path}.{k}[{n}]", depth + 1))
+            elif isinstance(v, dict):
+                for kk, item in list(v.items())[:64]:
+                    stack.append((item, f"{path}.{k}[{kk!r}]", depth + 1))
+            elif hasattr(v, "__dict__") and not isinstance(v, (type, torch.Tensor)) and not callable(getattr(v, "__func__", None)):
+                stack.append((v, f"{path}.{k}", depth + 1))
+            elif isinstance(v, torch.nn.Module):
+                stack.append((v, f"{path}.{k}", depth + 1))
 
 
 def variant_seed() -> int:
@@ -125,26 +174,35 @@ class Exercise:
 
 def run_exercise(ex: Exercise, submission: Any, timeout: float | None = 10.0, seed: int = 0) -> CheckResult:
     """Run every case of ``ex``; ``seed`` is the variant (0: the public self-check)."""
-    result = CheckResult(ex.name, variant="self-check" if seed == 0 else "hidden")
     status: dict[str, bool] = {}
+    record: tuple = ()  # immutable, rebound after each case: what the result is rebuilt from at the end
+    cases = tuple(ex.cases)
     token = _VARIANT.set(int(seed))
     try:
-        for i, case in enumerate(ex.cases):
+        for i, case in enumerate(cases):
             blocked = [r for r in case.requires if not status.get(r, False)]
             if blocked:
-                first = next(c for c in ex.cases if c.id == blocked[0])
+                first = next(c for c in cases if c.id == blocked[0])
                 status[case.id] = False
-                result.cases.append(CaseResult(case.name, case.kind, case.points, False,
-                                               got=f"cannot be tested: it needs “{first.name}” to pass first",
-                                               hint="fix the first failure above, then run the check again",
-                                               optional=case.optional, specific=0, case_id=case.id))
-                continue
-            outcome = _run_case(case, submission, timeout, (seed * 1000 + i) % (2**63))
-            status[case.id] = outcome.passed
-            result.cases.append(outcome)
+                outcome = CaseResult(case.name, case.kind, case.points, False, got=f"cannot be tested: it needs “{first.name}” to pass first",
+                                     hint="fix the first failure above, then run the check again", optional=case.optional, specific=0,
+                                     case_id=case.id)
+            else:
+                outcome = _run_case(case, submission, timeout, (seed * 1000 + i) % (2**63))
+                status[case.id] = outcome.passed
+            record = (*record, tuple(getattr(outcome, f) for f in _FIELDS))
     finally:
         _VARIANT.reset(token)
-    return result
+    # rebuilt from the private record, with each case's name, kind, points and id taken from the battery itself
+    out = []
+    for case, rec in zip(cases, record):
+        d = dict(zip(_FIELDS, rec))
+        d.update(name=case.name, kind=case.kind, points=case.points, optional=case.optional, case_id=case.id)
+        out.append(CaseResult(**d))
+    return CheckResult(ex.name, cases=out, variant="self-check" if seed == 0 else "hidden")
+
+
+_FIELDS = tuple(CaseResult.__dataclass_fields__)
 
 
 def _run_case(case: Case, submission: Any, timeout: float | None, seed: int) -> CaseResult:

@@ -6,7 +6,8 @@ SUBMISSIONS are notebooks or folders of notebooks.  The student of a notebook is
 first folder below a folder given on the command line (``submissions/alice/…``, as
 nbgrader lays them out), else the file name without the exercise's name
 (``alice_01_lora_linear.ipynb`` → ``alice``).  Hidden cases are drawn from
-``--secret`` (or ``LORA_EDU_GRADING_SECRET``; a fresh one per run when neither is set).
+``--secret-file`` (or ``LORA_EDU_GRADING_SECRET``; a fresh one per run when neither is set) and
+the student's name, so each student's hidden inputs are their own.
 Writes: the gradebook (``--out``, one row per student), and in the feedback folder
 one Markdown file per submission plus ``submissions.csv`` (one row per notebook).
 """
@@ -21,7 +22,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .checks import EXERCISES, SECRET_ENV, variant_for
+from .checks import EXERCISES, SECRET_ENV, env_secret, variant_for
 from .integrity import package_root, source_flags, tree_fingerprint
 from .notebooks import STUB, code_cells, notebook_exercise
 from .report import FORMATS, Graded, feedback_markdown, gradebook_rows, read_roster, submissions_csv, summary_text, write_safely
@@ -167,7 +168,7 @@ def _grade_all(items, secret, limits, jobs, zero_cheats, log, pkg: Path, install
         if item["error"]:
             log(f"{item['path']}: {item['error']}")
             return g
-        run = run_submission(item["content"], item["path"].name, ex, variant_for(secret, ex), limits, package=pkg)
+        run = run_submission(item["content"], item["path"].name, ex, variant_for(secret, ex, item["student"]), limits, package=pkg)
         for folder, before in fingerprints.items():
             if tree_fingerprint(folder) != before:
                 raise GradingAborted(f"the grading code ({folder}) changed while {item['path']} was graded: stop, reinstall "
@@ -200,10 +201,11 @@ def run(args: argparse.Namespace) -> int:
         return 1
     roster = read_roster(args.roster) if args.roster else None
     secret = args.secret or (Path(args.secret_file).read_text(encoding="utf-8").strip() if args.secret_file else "") \
-        or os.environ.get(SECRET_ENV) or ""
+        or env_secret() or ""
     if not secret:
         secret = secrets.token_hex(16)
-        print(f"lora-edu grade: hidden cases drawn from a fresh secret; pass --secret {secret} to reproduce this run", file=sys.stderr)
+        print(f"lora-edu grade: hidden cases drawn from a fresh secret; to reproduce this run, save it to a file and pass "
+              f"--secret-file FILE (the secret: {secret})", file=sys.stderr)
     limits = Limits(timeout=args.timeout, case_timeout=args.case_timeout, memory_mb=args.memory_mb)
     try:
         graded = grade(found, args.exercise, secret, limits, args.jobs, zero_cheats=not args.keep_flagged_scores)

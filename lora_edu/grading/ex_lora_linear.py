@@ -25,7 +25,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .battery import MISSING, Exercise, Fail, Named, as_tensor, call, case_random, fit_multiple, fmt, get_attr, near, rel_err
+from .battery import MISSING, Exercise, Fail, Named, as_tensor, call, case_random, fit_multiple, fmt, get_attr, near, rel_err, scan_for_reference
 
 EXERCISE = Exercise(
     name="lora_linear",
@@ -46,6 +46,7 @@ E2_HINT = ("your update is r times too large: is the scale α/r? The source arti
 E3_HINT = ("merge must add exactly what forward adds: W ← W + (α/r)·B @ A. The source article's "
            "`W.weight.data += B.weight @ A.weight` forgets the scale (mistake E3), so the merged model differs "
            "from the unmerged one whenever α/r ≠ 1.")
+REFERENCE_CLASSES = ("LoRALinear", "LoRALayer", "FusedLoRALinear")
 SHAPE_HINT = ("the interface (lora_edu.LoRALinear, PEFT, loralib) stores A as (r, in_features) and B as "
               "(out_features, r), so ΔW = B @ A has W's shape (out, in). Tutorials that store A as (in, r) compute "
               "x @ A @ B instead; careful: kaiming_uniform_ on an (in, r) tensor uses fan_in = r, an init √(in/r) "
@@ -56,7 +57,7 @@ SHAPE_HINT = ("the interface (lora_edu.LoRALinear, PEFT, loralib) stores A as (r
 
 
 def configs(n: int, seed: int, square: bool = False) -> list[tuple[int, int, int, float]]:
-    """Random (in, out, r, α) with non-integer α and α/r, and α/r far from 1."""
+    """Random (in, out, r, α) with non-integer α and α/r, α/r > 2 (so α // r, an integer ≥ 2, differs from α/r and from 1)."""
     rng = case_random(seed)
     out = []
     while len(out) < n:
@@ -65,7 +66,7 @@ def configs(n: int, seed: int, square: bool = False) -> list[tuple[int, int, int
         if not square and o == i:
             continue
         r = rng.randint(2, min(6, i, o))
-        alpha = round(rng.uniform(0.7, 3.6) * r, 3)
+        alpha = round(rng.uniform(2.1, 3.6) * r, 3)
         s = alpha / r
         if abs(s - 1) < 0.2 or abs(alpha - round(alpha)) < 0.05 or abs(s - round(s)) < 0.05:
             continue
@@ -78,7 +79,7 @@ def configs(n: int, seed: int, square: bool = False) -> list[tuple[int, int, int
 def _mistake_factors(r: int, alpha: float) -> list[float]:
     """What a student may multiply the branch by instead of α/r (see :func:`diagnose_update`)."""
     s = alpha / r
-    return [s, alpha, 1.0, alpha * r, alpha / math.sqrt(r), r / alpha, 2 * s, alpha / r**2, s * s]
+    return [s, alpha, 1.0, alpha * r, alpha / math.sqrt(r), r / alpha, 2 * s, alpha / r**2, s * s, float(alpha // r)]
 
 
 def _distinct(values: list[float], rel: float = 0.06) -> bool:
@@ -106,6 +107,7 @@ class Built:
         extra = "".join(f", {k}={v!r}" for k, v in kw.items())
         self.desc = f"LoRALinear(nn.Linear({i}, {o}, bias={bias}), r={r}, alpha={alpha}{extra})"
         self.layer = call(self.desc, cls, self.base, r, alpha, **kw)
+        scan_for_reference(self.layer, "your layer", REFERENCE_CLASSES)
         if not isinstance(self.layer, nn.Module):
             raise Fail(f"{self.desc} returned {type(self.layer).__name__}, not an nn.Module",
                        hint="subclass nn.Module and call super().__init__() first in __init__")
@@ -147,6 +149,7 @@ class Built:
 
     def forward(self, x: torch.Tensor, what: str = "layer(x)") -> torch.Tensor:
         y = call(what, self.layer, x)
+        scan_for_reference(self.layer, "your layer", REFERENCE_CLASSES)  # a reference built lazily in forward
         return as_tensor(y, what, shape=tuple(x.shape[:-1]) + (self.o,), dtype=x.dtype)
 
     def base_out(self, x) -> torch.Tensor:
@@ -184,6 +187,10 @@ def _diagnose(c: float, res: float, b: Built, what: str) -> tuple[str, str]:
         return (f"{what} is zero: the LoRA branch is not added", "forward must return base(x) + (α/r)·x Aᵀ Bᵀ")
     if near(k, alpha):
         return (f"{what} is {fmt(c)}× the expected one: you multiplied by α = {alpha} instead of α/r = {fmt(s)}", E2_HINT)
+    if alpha // r >= 1 and near(k, float(alpha // r), 0.005):
+        return (f"{what} is {fmt(c)}× the expected one: you multiplied by α // r = {alpha // r:g} instead of α/r = {fmt(s)} "
+                "(α // r: integer division)",
+                "`//` is floor division: alpha // r rounds the scale down (7.5 // 2 == 3.0). Use self.scale = alpha / r")
     if near(k, 1.0):
         return (f"{what} is {fmt(c)}× the expected one: it is not scaled at all",
                 "multiply the branch by the scale α/r (self.scale = alpha / r)")
@@ -316,9 +323,10 @@ def noop_init(cls):
                                 "with both random, fine-tuning starts from a corrupted copy of the pretrained model")
             raise Fail(f"at init your output differs from the base layer's (relative error {fmt(err)}) although ΔW = 0",
                        expected="layer(x) == base(x) at init", hint="the frozen part must be exactly self.base(x)")
-        if B.detach().abs().max().item() != 0:
+        if B.detach().abs().max().item() != 0 and A.detach().abs().max().item() != 0:
             raise Fail("B is not zero at init", expected="B = 0, A random (Hu et al. §4.1)",
                        hint="initialise B with nn.init.zeros_; A carries the randomness")
+    # A = 0 with B random is a no-op too (ΔW = B·0 = 0): which factor starts at zero is judged by the init_A case only
 
 
 @case("A is random at init, within the Kaiming-uniform(a=√5) bound 1/√in", "init", points=2, requires=("construct",))

@@ -24,11 +24,14 @@ import builtins
 import hashlib
 import math
 import os
+import random
 import sys
 import types
 from pathlib import Path
 
+from . import battery
 from .battery import Exercise
+from .result import CheckResult
 
 # ----------------------------------------------------------------------------- the package on disk
 
@@ -62,7 +65,7 @@ def package_root() -> Path:
 
 # ----------------------------------------------------------------------------- objects in memory
 
-_IGNORED_BUILTINS = {"_", "__", "___", "_ih", "_oh", "_dh", "In", "Out", "get_ipython", "exit", "quit", "display", "__IPYTHON__"}
+_IGNORED_BUILTINS = {"input", "raw_input", "_", "__", "___", "_ih", "_oh", "_dh", "In", "Out", "get_ipython", "exit", "quit", "display", "__IPYTHON__"}
 
 
 def _watched_namespaces() -> list[tuple[str, dict]]:
@@ -70,7 +73,11 @@ def _watched_namespaces() -> list[tuple[str, dict]]:
     import torch.nn as nn
     import torch.nn.functional as F
 
-    spaces: list[tuple[str, dict]] = [("builtins", vars(builtins)), ("math", vars(math))]
+    spaces: list[tuple[str, dict]] = [("builtins", vars(builtins)), ("math", vars(math)), ("random", vars(random)),
+                                      ("random.Random", dict(vars(random.Random)))]
+    np_random = sys.modules.get("numpy.random")
+    if np_random is not None:
+        spaces.append(("numpy.random", {k: v for k, v in vars(np_random).items() if not k.startswith("_")}))
     for name, mod in sorted(sys.modules.items()):
         if name.startswith("lora_edu.grading") and isinstance(mod, types.ModuleType):
             spaces.append((name, vars(mod)))
@@ -191,7 +198,10 @@ _INTROSPECTION = {
     "os.fdopen": "opens raw file descriptors",
     "os.symlink": "creates symbolic links",
     "shutil.rmtree": "deletes folders",
+    "sys.modules": "looks modules up in sys.modules (reaches lora_edu's reference or grading code by name)",
 }
+# attributes that walk from an exception, generator or coroutine to the grader's stack frames
+_FRAME_ATTRS = {"tb_frame", "tb_next", "f_back", "f_globals", "f_locals", "gi_frame", "cr_frame", "ag_frame", "f_builtins"}
 
 
 def _parse(src: str) -> ast.Module | None:
@@ -265,14 +275,18 @@ def source_flags(cells: list[str], ex: Exercise) -> list[str]:
                         if full.startswith("lora_edu.grading.") and not _grading_allowed(full, ex):
                             add(f"{where}: reaches into the grading code ({full})")
                     for pattern, why in _INTROSPECTION.items():
-                        if "." in pattern and d == pattern:
+                        if "." in pattern and (d == pattern or d.endswith("." + pattern)):
                             add(f"{where}: {why}")
+                if node.attr in _FRAME_ATTRS:
+                    add(f"{where}: reads the grader's stack frames (.{node.attr})")
             elif isinstance(node, ast.Constant) and isinstance(node.value, str):
                 v = node.value
                 if "lora_edu.grading." in v or "lora_edu/grading" in v or any("." in r and r in v for r in ex.reference_names):
                     add(f"{where}: names a grading or reference module in a string ({v[:60]!r})")
                 if "/proc" in v:
                     add(f"{where}: {_INTROSPECTION['/proc']}")
+                if v in _FRAME_ATTRS:
+                    add(f"{where}: reads the grader's stack frames ({v!r} in a string)")
     for name, full in aliases.items():  # `from lora_edu import LoRALinear` counts even when only bound
         ref = _is_reference(full, ex)
         if ref:
@@ -321,6 +335,22 @@ def answer_flags(namespace: dict, ex: Exercise) -> list[str]:
                     break
         else:
             filename = obj.__code__.co_filename
-            if not (filename.startswith("<ipython-input") or filename.startswith("<cell")):
+            if not (filename.startswith(("<ipython-input", "<cell")) or "/ipykernel_" in filename):
                 flags.append(f"`{name}` was not compiled from a notebook cell (its code comes from {filename})")
     return flags
+
+
+def take_reference_instances() -> list[str]:
+    """Flags for lora_edu reference classes found inside objects the student's answer built during the check (then cleared)."""
+    found = list(battery.REFERENCE_SEEN)
+    battery.REFERENCE_SEEN.clear()
+    return found
+
+
+def result_tampering(result: CheckResult, ex: Exercise) -> list[str]:
+    """A flag when the check's result does not list the battery's cases, in order, with their points."""
+    want = [(c.id, c.points, c.optional) for c in ex.cases]
+    got = [(c.case_id, c.points, c.optional) for c in result.cases]
+    if got != want:
+        return ["the check's result does not list the exercise's cases (it was changed after the checker built it)"]
+    return []

@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checks import EXERCISES, check
-from .integrity import CheckerSnapshot, answer_flags, package_root, tree_fingerprint
+from .integrity import CheckerSnapshot, answer_flags, package_root, result_tampering, take_reference_instances, tree_fingerprint
 from .notebooks import GRADED_MARKER, SELF_CHECK_MARKER, code_cells
 from .result import CheckResult
 
@@ -200,10 +200,15 @@ def _run_in(tmp: Path, content, filename, exercise, variant, limits: Limits, uid
         os.chown(nb_path, uid, uid)
     key = secrets.token_bytes(32)
     mark = secrets.token_hex(12)
+    wall_start = time.time() - 1.0
     res_r, res_w = os.pipe()
     cfg_r, cfg_w = os.pipe()
     out_r, out_w = os.pipe()
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(work), "TMPDIR": str(work), "MPLBACKEND": "Agg",
+    private_tmp = work / "tmp"  # the child's TMPDIR: inside its folder, removed with it
+    private_tmp.mkdir(mode=0o700)
+    if uid is not None:
+        os.chown(private_tmp, uid, uid)
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(work), "TMPDIR": str(private_tmp), "MPLBACKEND": "Agg",
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1",
            "LORA_EDU_GRADING_MARK": mark}
     boot = ("import sys, site, json; d = json.loads(sys.argv[2]); [site.addsitedir(x) for x in d]; "
@@ -249,6 +254,8 @@ def _run_in(tmp: Path, content, filename, exercise, variant, limits: Limits, uid
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:  # pragma: no cover
             pass
+        if uid is not None:
+            remove_left_files(uid, wall_start)
     output.join(5)
     frames.join(5)
     run = SubmissionRun(None, error, output=output.text(), output_bytes=output.total, returncode=returncode,
@@ -279,6 +286,39 @@ def _run_in(tmp: Path, content, filename, exercise, variant, limits: Limits, uid
         run.error = str(payload["error"])[:1000]
     run.seconds = time.monotonic() - start
     return run
+
+
+SHARED_TMP = ("/tmp", "/dev/shm", "/var/tmp")
+
+
+def remove_left_files(uid: int, since: float, roots: tuple[str, ...] = SHARED_TMP) -> list[str]:
+    """Remove what the sandbox user ``uid`` left in the shared temporary folders since ``since`` (only its own entries).
+
+    Only called when the child ran as an unprivileged user of its own (``nobody``): every
+    entry owned by that user and changed after the submission started goes, nothing else.
+    """
+    removed = []
+    for root in roots:
+        try:
+            entries = list(os.scandir(root))
+        except OSError:
+            continue
+        for e in entries:
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if st.st_uid != uid or max(st.st_ctime, st.st_mtime) < since:
+                continue
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    _remove_tree(Path(e.path))
+                else:
+                    os.unlink(e.path)
+                removed.append(e.path)
+            except OSError:
+                pass
+    return removed
 
 
 def verify_frame(data: bytes, key: bytes) -> tuple[dict | None, str]:
@@ -558,6 +598,7 @@ def grade_in_this_process(notebook: str, exercise: str, variant: int, case_timeo
     submission = spec.collect(shell.user_ns)
     result = check(exercise, submission, timeout=case_timeout, seed=variant)
     changed_later = [c for c in snapshot.changes() if c not in changed]
+    flags += take_reference_instances() + result_tampering(result, spec)
     if changed:
         flags.append(f"the notebook changed the checker's objects before the check ran: {', '.join(changed[:6])}"
                      + (" …" if len(changed) > 6 else ""))
