@@ -124,3 +124,18 @@ def test_left_files_of_the_sandbox_user_are_removed(tmp_path):  # item 12: only 
     removed = remove_left_files(uid, since=mine.stat().st_ctime - 5, roots=(str(tmp_path),))
     assert not mine.exists() and not sub.exists()
     assert str(mine) in removed
+
+
+def test_students_not_on_the_roster_are_left_out_of_lms_files():  # item 13
+    import csv
+    import io
+
+    from lora_edu.grading.report import NOT_ON_ROSTER, format_canvas, format_moodle
+
+    rows = [{"student": "ada", "email": "ada@x", "total": 5.0, "flags": "", "lora_linear": 5.0},
+            {"student": "zed", "total": 5.0, "flags": NOT_ON_ROSTER, "lora_linear": 5.0}]
+    ex = [("lora_linear", 42.0)]
+    canvas = list(csv.reader(io.StringIO(format_canvas(rows, ex, "A").decode())))
+    moodle = list(csv.reader(io.StringIO(format_moodle(rows, ex, "A").decode())))
+    assert len(canvas) == 3 and not any("zed" in r for r in canvas)
+    assert len(moodle) == 2 and not any("zed" in r for r in moodle)

@@ -25,7 +25,7 @@ from pathlib import Path
 from .checks import EXERCISES, SECRET_ENV, env_secret, variant_for
 from .integrity import package_root, source_flags, tree_fingerprint
 from .notebooks import STUB, code_cells, notebook_exercise
-from .report import FORMATS, Graded, feedback_markdown, gradebook_rows, read_roster, submissions_csv, summary_text, write_safely
+from .report import FORMATS, Graded, feedback_markdown, gradebook_rows, lms_rows, read_roster, submissions_csv, summary_text, write_safely
 from .result import CheckResult
 from .sandbox import Limits, pristine_package, run_submission, subreaper
 
@@ -231,6 +231,9 @@ def run(args: argparse.Namespace) -> int:
         write_safely(target, FORMATS[fmt](rows, exercises, args.assignment))
         written.append(f"{target} ({fmt})")
     print(summary_text(graded, rows, exercises))
+    left_out = [r["student"] for r in rows if r not in lms_rows(rows)]
+    if left_out and any(f in ("canvas", "moodle") for f in args.format):
+        print(f"\nnot on the roster, left out of the LMS file(s) (in the plain gradebook, flagged): {', '.join(left_out)}")
     print(f"\ngraded {len(graded)} submission(s) of {len(rows)} student(s) -> {', '.join(written)}; feedback in {feedback}/",
           file=sys.stderr)
     return 0

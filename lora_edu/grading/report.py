@@ -156,7 +156,7 @@ def gradebook_rows(graded: list[Graded], exercises: list[tuple[str, float]], ros
         if not subs:
             flags.append("no submission")
         if roster is not None and s not in info:
-            flags.append("review: not on the roster")
+            flags.append(NOT_ON_ROSTER)
         row.update(total=round(total, 2), possible=possible, percent=round(100 * total / possible, 1) if possible else 0.0,
                    flags=" | ".join(dict.fromkeys(flags)))
         rows.append(row)
@@ -179,6 +179,14 @@ def format_plain(rows: list[dict], exercises: list[tuple[str, float]], assignmen
                                 r["total"], r["possible"], r["percent"], r["flags"]] for r in rows])
 
 
+NOT_ON_ROSTER = "review: not on the roster"
+
+
+def lms_rows(rows: list[dict]) -> list[dict]:
+    """The rows an LMS file may carry: students not on the roster are left out (an LMS import cannot match them)."""
+    return [r for r in rows if NOT_ON_ROSTER not in r["flags"]]
+
+
 def format_canvas(rows: list[dict], exercises: list[tuple[str, float]], assignment: str) -> bytes:
     """Canvas "Import" of the gradebook: Student, ID, SIS User ID, SIS Login ID, Section, then the assignment column.
 
@@ -189,7 +197,7 @@ def format_canvas(rows: list[dict], exercises: list[tuple[str, float]], assignme
     possible = sum(p for _, p in exercises)
     header = ["Student", "ID", "SIS User ID", "SIS Login ID", "Section", assignment]
     body = [["Points Possible", "", "", "", "", f"{possible:g}"]]
-    for r in rows:
+    for r in lms_rows(rows):
         body.append([r.get("name") or r["student"], r.get("id", ""), r.get("sis_user_id", ""), r.get("sis_login_id") or r["student"],
                      r.get("section", ""), f"{r['total']:g}"])
     return _csv_bytes(header, body)
@@ -199,7 +207,7 @@ def format_moodle(rows: list[dict], exercises: list[tuple[str, float]], assignme
     """Moodle "Import grades from CSV": map "Email address" (or "Username") to the user, the assignment and feedback columns."""
     header = ["Email address", "Username", "ID number", assignment, f"{assignment} feedback"]
     body = []
-    for r in rows:
+    for r in lms_rows(rows):
         per = "; ".join(f"{n} {r[n]:g}/{p:g}" for n, p in exercises)
         body.append([r.get("email", ""), r.get("username") or r["student"], r.get("idnumber", ""), f"{r['total']:g}",
                      per + (f" — {r['flags']}" if r["flags"] else "")])
