@@ -49,6 +49,9 @@ case "$cmd" in
   test)
     setup "${EXTRAS:-test,notebooks,interop,classroom}"
     export MPLBACKEND="${MPLBACKEND:-}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+    echo "== lint (ruff) and the package's import layers (import-linter)"
+    "$VENV/bin/ruff" check .
+    "$VENV/bin/lint-imports"
     echo "== library tests"
     run_pytest "library tests" tests -q -n 2 --dist loadfile -p no:cacheprovider
     echo "== notebooks (nbval, outputs compared with the committed ones)"
