@@ -2,11 +2,11 @@
 """LoRA training and inference speed: lora_edu vs PEFT vs the frozen-model floor, in one process.
 
     python benchmarks/bench_lora.py                  # GPT-2-small shape, CUDA (bf16 autocast, fused AdamW)
-    python benchmarks/bench_lora.py --quick          # issue 15's table in one run (see QUICK_MODES), then bench_mixed.py
+    python benchmarks/bench_lora.py --quick          # the performance-goals table in one run (see QUICK_MODES), then bench_mixed.py
     python benchmarks/bench_lora.py --size cpu       # a smaller decoder that finishes in minutes on a CPU
     python benchmarks/bench_lora.py --size tiny      # seconds; what tests/test_benchmarks.py runs
 
-Every configuration of issue 6 is built fresh from the same seed, timed for
+Every configuration of the first performance study is built fresh from the same seed, timed for
 ``--steps`` steps after ``--warmup`` (median; CUDA events on GPU, wall clock on
 CPU), and its peak GPU memory recorded; one table with ratios to the floor (or to
 the base model for inference) and to PEFT's matching configuration is printed
@@ -50,7 +50,7 @@ except Exception:  # pragma: no cover - depends on the environment
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 QV = ["q_proj", "v_proj"]
 
-# GPT-2-small shape (issue 6): 12 layers, d 768, 12 heads, MLP 768→3072→768, vocab 50,304, batch 8×1024.
+# GPT-2-small shape: 12 layers, d 768, 12 heads, MLP 768→3072→768, vocab 50,304, batch 8×1024.
 SIZES = {
     "gpt2": dict(n_layer=12, n_head=12, d_model=768, d_ff=3072, vocab_size=50304, seq=1024, batch=8, steps=20, warmup=5),
     "cpu": dict(n_layer=4, n_head=4, d_model=256, d_ff=1024, vocab_size=8192, seq=256, batch=4, steps=8, warmup=2),
@@ -110,7 +110,7 @@ PLAIN_ROW = "ablation r=8 all: plain LoRALinear (no fuse)"
 RECOMPUTE = dict(FUSED, recompute_input=True)
 RECOMPUTE_ROW = "lora_edu r=8 all linear, recompute_input=True"
 PLAIN_COMPILE_ROW = "ablation r=8 all: fused, compile_op=False"
-# --quick (issue 15's table): each row and the modes it is measured in; "compile" is the whole model under torch.compile
+# --quick (the performance-goals table): each row and the modes it is measured in; "compile" is the whole model under torch.compile
 E, G, C = "eager", "graph", "compile"
 QUICK_MODES = {
     "frozen floor": {E, G, C},
@@ -421,7 +421,7 @@ def add_ratios(rows: list[dict], partners: dict) -> None:
             r["mem_ratio_floor" + suffix] = peak / fpeak if (r["kind"] == "train" and peak and fpeak) else None
 
 
-# Issue 15's targets: (row, column suffix, what, target text, test); ratios are to the frozen floor / base model of the same mode.
+# Performance targets: (row, column suffix, what, target text, test); ratios are to the frozen floor / base model of the same mode.
 GOALS = (
     ("lora_edu r=8 all linear", "_compile", "r=8 all-linear step / floor (torch.compile)", "≤ 1.10", lambda v: v <= 1.10),
     ("lora_edu r=8 all linear", "_graph", "r=8 all-linear step / floor (CUDA graph)", "≤ 1.08", lambda v: v <= 1.08),
@@ -511,7 +511,7 @@ def render(meta: dict, rows: list[dict], goal_rows, check: dict) -> str:
     )
     out.append("")
     if goal_rows:
-        out.append("| goal (issue 15) | measured | target | met |")
+        out.append("| goal | measured | target | met |")
         out.append("|---|---|---|---|")
         for name, v, target, ok in goal_rows:
             out.append(f"| {name} | {_f(v, '.3f')} | {target} | {'–' if ok is None else ('yes' if ok else 'no')} |")
@@ -538,7 +538,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--with-compile", action="store_true",
                     help="add a torch.compile pass (a 'compiled' column, with its peak memory) to every row")
     ap.add_argument("--quick", action="store_true",
-                    help="issue 15's table: the rows of QUICK_MODES in their modes (eager, CUDA graph, torch.compile), "
+                    help="the performance-goals table: the rows of QUICK_MODES in their modes (eager, CUDA graph, torch.compile), "
                          "with bench_mixed.py (run between the CUDA-graph and the compile pass) into the same --out-dir; "
                          "results stem gets '_quick'; <stem>.partial.json holds the rows measured so far")
     ap.add_argument("--no-compile", action="store_true", help="--quick without its torch.compile pass")
@@ -634,7 +634,7 @@ def main(argv=None) -> dict:
             print(f"  {name:<50} {r['ms_graph']:9.2f} ms  (CUDA graph)", flush=True)
             checkpoint()
     mixed = None
-    if args.quick and not args.no_mixed:  # many adapters in one batch (issue 15's last goal), before the long compile pass
+    if args.quick and not args.no_mixed:  # many adapters in one batch (the last performance goal), before the long compile pass
         import bench_mixed
 
         margs = ["--size", size_name, "--device", str(device), "--out-dir", str(out_dir)] + (["--no-peft"] if not has_peft else [])

@@ -185,7 +185,7 @@ def render(meta, rows, goal_rows) -> str:
                "Rows are assigned to adapters round-robin (row i uses t{i mod k}).")
     out.append("")
     if goal_rows:
-        out += ["| goal (issue 15) | measured | target | met |", "|---|---|---|---|"]
+        out += ["| goal | measured | target | met |", "|---|---|---|---|"]
         out += [f"| {a} | {b:.3f} | {c} | {'yes' if d else 'no'} |" for a, b, c, d in goal_rows]
         out.append("")
     out.append(f"Exactness (k = 16 batch vs each row alone with set_adapter, largest relative difference of a row's logits, "
