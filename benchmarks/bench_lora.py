@@ -211,6 +211,20 @@ def timed(fn, steps: int, warmup: int, device: torch.device) -> list[float]:
     return out
 
 
+def capture_graph(warm, body) -> torch.cuda.CUDAGraph:
+    """PyTorch's whole-network capture recipe: warm up with ``warm`` on a side stream, then capture ``body``."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            warm()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    return graph
+
+
 def autocast_ctx(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -266,16 +280,8 @@ def _measure(kind, builder, size, device, precision, steps, warmup, data, graphs
         gc.collect()
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    if graphs:  # PyTorch's whole-network capture recipe: warm up on a side stream, grads None before capture
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            body()
+    if graphs:
+        graph = capture_graph(fn, body)
         times = timed(graph.replay, steps, warmup, device)
     else:
         times = timed(fn, steps, max(warmup, 2) if compile_ else warmup, device)  # compiling happens in warm-up

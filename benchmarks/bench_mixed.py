@@ -75,16 +75,7 @@ def build_peft(size, device, k_max=K_MAX):
 def _time(fn, steps, warmup, device, graphs: bool) -> float:
     if not graphs:
         return statistics.median(bl.timed(fn, steps, warmup, device))
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return statistics.median(bl.timed(graph.replay, steps, warmup, device))
+    return statistics.median(bl.timed(bl.capture_graph(fn, fn).replay, steps, warmup, device))
 
 
 def measure_shape(size, device, precision, rows, seq, steps, warmup, graphs, has_peft) -> list[dict]:
