@@ -1,10 +1,10 @@
-"""``torch.compile`` of a fused model: the layer calls ``torch.ops.lora_edu.lora_linear`` (fuse's default ``compile_op=True``).
+"""``torch.compile`` of a fused model: with ``fuse(model, compile_op=True)`` the layer calls ``torch.ops.lora_edu.lora_linear``.
 
 Checked here on CPU: the operator's schema, fake (meta) implementation and autograd
 registration (``torch.library.opcheck``); the compiled layer and a compiled GPT equal the
 eager plain formula (float64 to 1e-12 with the ``aot_eager`` backend, float32 and
 float64 with Inductor), gradients too; ``fullgraph=True`` (no graph break) also under bf16
-autocast; and ``compile_op=False`` traces the plain formula instead.  CUDA tests (bf16,
+autocast; and the default ``compile_op=False`` traces the plain formula instead.  CUDA tests (bf16,
 Inductor) run on the lent GPU.
 """
 import pytest
@@ -92,7 +92,7 @@ def test_op_gradcheck_float64():
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("x_grad", [True, False])
 def test_compiled_layer_uses_the_op_and_equals_the_formula_float64(bias, x_grad):
-    layer = lora_edu.fuse(_layer(bias=bias))
+    layer = lora_edu.fuse(_layer(bias=bias), compile_op=True)
     graphs, backend = _capture()
     torch._dynamo.reset()
     compiled = torch.compile(layer, backend=backend, fullgraph=True)
@@ -108,8 +108,9 @@ def test_compiled_layer_uses_the_op_and_equals_the_formula_float64(bias, x_grad)
     assert graphs and any("lora_edu.lora_linear" in gm.code for gm in graphs)
 
 
-def test_compile_op_false_traces_the_plain_formula():
-    layer = lora_edu.fuse(_layer(), compile_op=False)
+@pytest.mark.parametrize("kwargs", [{}, {"compile_op": False}])
+def test_default_traces_the_plain_formula(kwargs):
+    layer = lora_edu.fuse(_layer(), **kwargs)
     graphs, backend = _capture()
     torch._dynamo.reset()
     torch.compile(layer, backend=backend, fullgraph=True)(torch.randn(2, 8, dtype=torch.float64))
@@ -118,7 +119,7 @@ def test_compile_op_false_traces_the_plain_formula():
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
 def test_compiled_gpt_aot_eager_matches_eager(dtype, tol):
-    model = lora_edu.fuse(_gpt(dtype=dtype))
+    model = lora_edu.fuse(_gpt(dtype=dtype), compile_op=True)
     idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
@@ -133,7 +134,7 @@ def test_compiled_gpt_aot_eager_matches_eager(dtype, tol):
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 def test_compiled_gpt_inductor_matches_eager(dtype, tol):
     """Inductor (C++ on CPU): the loss and every LoRA gradient agree with the eager plain formula."""
-    model = lora_edu.fuse(_gpt(dtype=dtype))
+    model = lora_edu.fuse(_gpt(dtype=dtype), compile_op=True)
     idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
@@ -149,7 +150,7 @@ def test_compiled_gpt_inductor_matches_eager(dtype, tol):
 def test_no_graph_breaks_under_bf16_autocast_and_inference():
     import torch._dynamo as dynamo
 
-    model = lora_edu.fuse(_gpt(dtype=torch.float32), cache_weights=True)
+    model = lora_edu.fuse(_gpt(dtype=torch.float32), cache_weights=True, compile_op=True)
     idx = torch.randint(0, 64, (2, 16))
 
     def train_loss(idx):
@@ -170,7 +171,7 @@ def test_no_graph_breaks_under_bf16_autocast_and_inference():
 
 
 def test_compiled_bf16_autocast_close_to_eager_fused():
-    model = lora_edu.fuse(_gpt(dtype=torch.float32))
+    model = lora_edu.fuse(_gpt(dtype=torch.float32), compile_op=True)
     idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(2))
 
     def loss_fn(m):
@@ -230,7 +231,7 @@ def test_cuda_op_float32_matches_float64_reference():
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        layer = lora_edu.fuse(_layer(in_f=256, out_f=384, r=8, dtype=torch.float32, device="cuda"))
+        layer = lora_edu.fuse(_layer(in_f=256, out_f=384, r=8, dtype=torch.float32, device="cuda"), compile_op=True)
         x = torch.randn(512, 256, device="cuda", requires_grad=True)
         torch._dynamo.reset()
         y = torch.compile(layer, fullgraph=True)(x)

@@ -184,3 +184,19 @@ def test_cuda_training_reports_memory(lm_task, precision):
     assert res.peak_memory_bytes is not None and res.peak_memory_bytes > 0
     assert res.history[-1]["val_loss"] < res.history[0]["val_loss"]
     assert next(model.parameters()).device.type == "cuda"
+
+
+def test_keep_best_ends_with_the_best_evaluation(lm_task):
+    """Early stopping: ``final`` is the lowest validation loss of the history and the model is back at those weights."""
+    model = small_gpt()
+    res = train(model, lm_task, TrainConfig(steps=40, lr=3e-3, eval_every=10, keep_best=True, **FAST))
+    losses = {h["step"]: h["val_loss"] for h in res.history}
+    assert res.best_step == min(losses, key=losses.get) and res.final["loss"] == min(losses.values())
+    assert abs(lm_task.evaluate(model, max_batches=2)["loss"] - res.final["loss"]) < 1e-6
+    # a learning rate that wrecks the model: the best evaluation is the one before the first step, and so are the weights
+    model = small_gpt()
+    init = [p.detach().clone() for p in model.parameters()]
+    res = train(model, lm_task, TrainConfig(steps=20, lr=1.0, grad_clip=None, eval_every=5, keep_best=True, **FAST))
+    assert res.best_step == 0 and res.history[-1]["val_loss"] > res.final["loss"]
+    assert all(torch.equal(a, b) for a, b in zip(init, model.parameters()))
+    assert train(small_gpt(), lm_task, TrainConfig(steps=2, **FAST)).best_step is None

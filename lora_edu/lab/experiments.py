@@ -29,6 +29,7 @@ effects shown, and the notebooks say so.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lora_edu.core.counting import count_parameters
 from lora_edu.core.inject import add_lora, freeze
@@ -444,34 +446,35 @@ def fine_tune_replicas(
 
     curve = []
     t0 = time.perf_counter()
-    quiet = warnings.catch_warnings()  # vmap runs CPU flash attention replica by replica and says so on every call
-    quiet.__enter__()
-    warnings.filterwarnings("ignore", message=".*batching rule.*")
-    if eval_every > 0:
-        curve.append((0, evaluate([task.name])[0][task.name] @ weights[task.name]))
-    for step in range(steps):
-        xs, ys = zip(*(task.get_batch("train", batch_size, generator=g) for g in gens))
-        x, y = torch.stack(xs).to(device), torch.stack(ys).to(device)  # (K, B, ...)
-        loss = batched_loss(stacked, x, y).sum()  # replicas are independent: d(sum)/d(theta_k) = d(loss_k)/d(theta_k)
-        grads = torch.autograd.grad(loss, list(stacked.values()))
-        if grad_clip is not None:  # torch.nn.utils.clip_grad_norm_, once per replica
-            norm = torch.sqrt(sum(g.pow(2).reshape(K, -1).sum(dim=1) for g in grads))
-            coef = (grad_clip / (norm + 1e-6)).clamp(max=1.0)
-            grads = [g * coef.view(K, *([1] * (g.dim() - 1))) for g in grads]
-        t = step + 1
-        with torch.no_grad():
-            for (n, p), g in zip(stacked.items(), grads):  # torch.optim.AdamW, elementwise, lr per replica
-                shape = (K,) + (1,) * (p.dim() - 1)
-                if weight_decay:
-                    p.mul_(1 - lr_k.view(shape) * weight_decay)
-                m_state[n].lerp_(g, 1 - b1)
-                v_state[n].mul_(b2).addcmul_(g, g, value=1 - b2)
-                denom = (v_state[n].sqrt() / math.sqrt(1 - b2**t)).add_(eps)
-                p.sub_(m_state[n] / denom * (lr_k / (1 - b1**t)).view(shape))
-        if eval_every > 0 and (t % eval_every == 0 or t == steps):
-            curve.append((t, evaluate([task.name])[0][task.name] @ weights[task.name]))
-    losses, acc = evaluate(list(eval_sets))
-    quiet.__exit__(None, None, None)
+    with contextlib.ExitStack() as quiet:
+        quiet.enter_context(warnings.catch_warnings())  # vmap runs CPU flash attention replica by replica and says so on every call
+        warnings.filterwarnings("ignore", message=".*batching rule.*")
+        if device.type == "cuda":  # the fused CUDA attention kernels have no vmap rule for their backward ("LSE is not correctly aligned")
+            quiet.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        if eval_every > 0:
+            curve.append((0, evaluate([task.name])[0][task.name] @ weights[task.name]))
+        for step in range(steps):
+            xs, ys = zip(*(task.get_batch("train", batch_size, generator=g) for g in gens))
+            x, y = torch.stack(xs).to(device), torch.stack(ys).to(device)  # (K, B, ...)
+            loss = batched_loss(stacked, x, y).sum()  # replicas are independent: d(sum)/d(theta_k) = d(loss_k)/d(theta_k)
+            grads = torch.autograd.grad(loss, list(stacked.values()))
+            if grad_clip is not None:  # torch.nn.utils.clip_grad_norm_, once per replica
+                norm = torch.sqrt(sum(g.pow(2).reshape(K, -1).sum(dim=1) for g in grads))
+                coef = (grad_clip / (norm + 1e-6)).clamp(max=1.0)
+                grads = [g * coef.view(K, *([1] * (g.dim() - 1))) for g in grads]
+            t = step + 1
+            with torch.no_grad():
+                for (n, p), g in zip(stacked.items(), grads):  # torch.optim.AdamW, elementwise, lr per replica
+                    shape = (K,) + (1,) * (p.dim() - 1)
+                    if weight_decay:
+                        p.mul_(1 - lr_k.view(shape) * weight_decay)
+                    m_state[n].lerp_(g, 1 - b1)
+                    v_state[n].mul_(b2).addcmul_(g, g, value=1 - b2)
+                    denom = (v_state[n].sqrt() / math.sqrt(1 - b2**t)).add_(eps)
+                    p.sub_(m_state[n] / denom * (lr_k / (1 - b1**t)).view(shape))
+            if eval_every > 0 and (t % eval_every == 0 or t == steps):
+                curve.append((t, evaluate([task.name])[0][task.name] @ weights[task.name]))
+        losses, acc = evaluate(list(eval_sets))
     wall = time.perf_counter() - t0
     models = None
     if keep_models:

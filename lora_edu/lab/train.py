@@ -10,6 +10,7 @@ time and peak accelerator memory, alongside a history of losses and metrics.
 Options: device ``"auto"`` (CUDA, then Apple MPS, then CPU); bf16 autocast on
 CUDA when the card supports it (fp16 + GradScaler on request; none on CPU);
 gradient clipping; constant / linear / cosine learning rate with linear warmup;
+early stopping (``keep_best``: end with the weights of the best evaluation);
 LoRA+ (Hayou et al. 2024): the ``B`` factors learn ``loraplus_ratio`` times
 faster than everything else. CPU runs with the same seed repeat bit for bit.
 """
@@ -90,6 +91,7 @@ class TrainConfig:
     eval_at_start: bool = True  # also evaluate before the first step (the "before" quality)
     eval_batches: int | None = 20  # batches per evaluation (None = the whole split)
     eval_split: str = "val"
+    keep_best: bool = False  # early stopping: end with the trainable weights of the evaluation with the lowest loss
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" | "mps"
     precision: str = "auto"  # "auto" (bf16 on capable CUDA, fp32 elsewhere) | "fp32" | "bf16" | "fp16"
     seed: int = 0  # seeds torch (dropout) and the batch sampler
@@ -115,6 +117,7 @@ class TrainResult:
     device: str
     precision: str
     config: dict = field(default_factory=dict)
+    best_step: int | None = None  # keep_best: the step whose weights the model ends with (``final`` is its evaluation)
 
     @property
     def trainable_fraction(self) -> float:
@@ -201,10 +204,18 @@ def _train_loop(model: nn.Module, task, config: TrainConfig) -> TrainResult:
     history: list[dict] = []
     eval_time, t0 = 0.0, time.perf_counter()
     pfx = config.eval_split
+    best: dict = {}  # keep_best: {"loss", "entry", "state"} of the best evaluation so far (trainable parameters only)
+
+    def remember_if_best(entry: dict) -> None:
+        loss = entry[f"{pfx}_loss"]
+        if config.keep_best and math.isfinite(loss) and (not best or loss < best["loss"]):
+            best.update(loss=loss, entry=entry, state={id(p): p.detach().clone() for p in params})
+
     if config.eval_at_start:
         te = time.perf_counter()
         history.append({"step": 0, "lr": config.lr * lr_factor(0, config), "train_loss": None,
                         **{f"{pfx}_{k}": v for k, v in evaluate().items()}})  # fmt: skip
+        remember_if_best(history[-1])
         eval_time += time.perf_counter() - te
 
     model.train()
@@ -242,6 +253,7 @@ def _train_loop(model: nn.Module, task, config: TrainConfig) -> TrainResult:
             eval_time += time.perf_counter() - te
             history.append({"step": step + 1, "lr": config.lr * factor, "train_loss": running / n_running,
                             **{f"{pfx}_{k}": v for k, v in metrics.items()}})  # fmt: skip
+            remember_if_best(history[-1])
             if not last:
                 running, n_running = 0.0, 0
     bar.close()
@@ -252,7 +264,13 @@ def _train_loop(model: nn.Module, task, config: TrainConfig) -> TrainResult:
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    final_metrics = {k[len(pfx) + 1 :]: v for k, v in history[-1].items() if k.startswith(pfx + "_")}
+    chosen = history[-1]
+    if best:  # keep_best: put the best evaluation's weights back; it is the result
+        with torch.no_grad():
+            for p in params:
+                p.copy_(best["state"][id(p)])
+        chosen = best["entry"]
+    final_metrics = {k[len(pfx) + 1 :]: v for k, v in chosen.items() if k.startswith(pfx + "_")}
     return TrainResult(
         history=history,
         final=final_metrics,
@@ -266,4 +284,5 @@ def _train_loop(model: nn.Module, task, config: TrainConfig) -> TrainResult:
         device=str(device),
         precision=precision,
         config=config.to_dict(),
+        best_step=chosen["step"] if best else None,
     )

@@ -16,11 +16,11 @@ path steps aside (the plain formula runs) whenever it would not be the same func
 dropout in effect, a trainable base weight, mixed dtypes outside autocast, float64 under
 autocast, or a transposed (Conv1D) base.
 
-Under ``torch.compile`` the layer calls the same computation as one custom operator,
-``torch.ops.lora_edu.lora_linear`` (with a fake implementation for tracing and its own
-backward operator), so the compiler keeps the epilogue-fused GEMMs instead of splitting
-the formula; ``fuse(model, compile_op=False)`` lets the compiler trace the plain formula
-instead.  ``fuse(model, recompute_input=True)`` saves memory: where a layer's input is
+Under ``torch.compile`` the compiler traces the plain formula by default (measured faster
+on an H200, see benchmarks/README.md); ``fuse(model, compile_op=True)`` calls the same
+computation as one custom operator instead, ``torch.ops.lora_edu.lora_linear`` (with a fake
+implementation for tracing and its own backward operator), which keeps the epilogue-fused
+GEMMs intact.  ``fuse(model, recompute_input=True)`` saves memory: where a layer's input is
 the output of GELU or SiLU (the down-projection of an MLP), backward recomputes it from
 the activation's own saved input instead of keeping it.
 """
@@ -242,11 +242,11 @@ class FusedLoRALinear(LoRALinear):
 
     ``compile_op``: under ``torch.compile`` call :func:`lora_linear_op` (the same GEMMs, one
     opaque operator with its own backward) instead of letting the compiler trace the plain
-    formula.  ``recompute_input``: see :func:`fuse`.
+    formula (the default, measured faster).  ``recompute_input``: see :func:`fuse`.
     """
 
     cache_weights: bool = False
-    compile_op: bool = True
+    compile_op: bool = False
     recompute_input: bool = False
     input_cache: InputCastCache | None = None
     weight_cache: tuple | None = None
@@ -327,15 +327,16 @@ class FusedLoRALinear(LoRALinear):
         return self.input_cache.cast(x, dtype) if self.input_cache is not None else x.to(dtype)
 
 
-def fuse(model: nn.Module, cache_weights: bool = False, share_input_cast: bool = True, compile_op: bool = True,
+def fuse(model: nn.Module, cache_weights: bool = False, share_input_cast: bool = True, compile_op: bool = False,
          recompute_input: bool = False) -> nn.Module:
     """Give every :class:`LoRALinear` in ``model`` the fused forward, in place; returns the model.
 
     ``share_input_cast``: layers that read the same input (q, k, v) share one cast of
     it under autocast (one :class:`InputCastCache` per call of ``fuse``).
     ``cache_weights``: see :class:`FusedLoRALinear`.
-    ``compile_op``: under ``torch.compile``, the fused computation as one custom operator
-    (:func:`lora_linear_op`); ``False``: the compiler traces the plain formula.
+    ``compile_op``: under ``torch.compile``, ``False`` (default): the compiler traces the plain
+    formula; ``True``: the fused computation as one custom operator (:func:`lora_linear_op`).
+    On an H200 (GPT-2-small shape, bf16) the traced formula was faster (benchmarks/README.md).
     ``recompute_input``: a layer whose input x is GELU(h) or SiLU(h) (an MLP's down-projection)
     saves nothing for ∂A = s·(gB)ᵀx: h is kept by the activation's own backward anyway, and x
     is recomputed from it in backward (bit for bit).  Saves N × in activations per such layer
