@@ -206,3 +206,23 @@ def test_grading_aborts_when_the_grading_code_changes(tmp_path, monkeypatch, cap
     assert main(["grade", str(subs), "--out", str(out), "--secret", "s"]) == 3
     assert "ABORTED" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "grades_feedback").exists()
+
+
+def test_root_grader_refuses_to_run_submissions_as_root(tmp_path, monkeypatch, capsys):
+    """A root grader that cannot drop to nobody refuses (CLI and library) unless told it is inside a throwaway container."""
+    from lora_edu.grading import cli_grade, sandbox
+
+    monkeypatch.setattr(sandbox.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(sandbox, "child_interpreter", lambda uid: (None, "the Python packages are not readable by other users"))
+    monkeypatch.setattr(cli_grade, "child_interpreter", sandbox.child_interpreter)
+    nb = tmp_path / "alice" / "01_lora_linear.ipynb"
+    nb.parent.mkdir()
+    main(["exercises", "make-student", str(tmp_path / "s"), "lora_linear"])
+    nb.write_bytes((tmp_path / "s" / "01_lora_linear.ipynb").read_bytes())
+    assert main(["grade", str(nb), "--out", str(tmp_path / "g.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot run submissions as nobody" in err and "--allow-root" in err and not (tmp_path / "g.csv").exists()
+    run = sandbox.run_submission(nb.read_bytes(), nb.name, "lora_linear", 0)
+    assert run.result is None and run.error.startswith("not run: the grader is root") and run.user == "not run"
+    assert main(["grade", str(nb), "--out", str(tmp_path / "g.csv"), "--allow-root"]) == 0  # told: runs it, as the grader's user
+    assert (tmp_path / "g.csv").exists()

@@ -27,7 +27,7 @@ from .integrity import package_root, source_flags, tree_fingerprint
 from .notebooks import STUB, code_cells, notebook_exercise
 from .report import FORMATS, Graded, feedback_markdown, gradebook_rows, lms_rows, read_roster, submissions_csv, summary_text, write_safely
 from .result import CheckResult
-from .sandbox import Limits, pristine_package, run_submission, subreaper
+from .sandbox import NOBODY, Limits, child_interpreter, pristine_package, root_refusal, run_submission, subreaper
 
 
 class GradingAborted(RuntimeError):
@@ -53,6 +53,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-mb", type=int, default=4096, help="address-space limit per submission in MB (default: 4096)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="submissions graded at once (default: 1; concurrent children share the unprivileged user)")
+    parser.add_argument("--allow-root", action="store_true",
+                        help="when run as root and submissions cannot run as the user nobody, run them as root instead of refusing "
+                             "(only inside a throwaway container)")
     parser.add_argument("--keep-flagged-scores", action="store_true",
                         help="keep the score of a submission with an integrity flag (default: set it to 0 pending review)")
 
@@ -206,7 +209,12 @@ def run(args: argparse.Namespace) -> int:
         secret = secrets.token_hex(16)
         print(f"lora-edu grade: hidden cases drawn from a fresh secret; to reproduce this run, save it to a file and pass "
               f"--secret-file FILE (the secret: {secret})", file=sys.stderr)
-    limits = Limits(timeout=args.timeout, case_timeout=args.case_timeout, memory_mb=args.memory_mb)
+    limits = Limits(timeout=args.timeout, case_timeout=args.case_timeout, memory_mb=args.memory_mb, allow_root=args.allow_root)
+    if os.geteuid() == 0 and not args.allow_root:
+        python, why_not = child_interpreter(NOBODY)
+        if python is None:
+            print(f"lora-edu grade: {root_refusal(why_not)}", file=sys.stderr)
+            return 2
     try:
         graded = grade(found, args.exercise, secret, limits, args.jobs, zero_cheats=not args.keep_flagged_scores)
     except GradingAborted as e:

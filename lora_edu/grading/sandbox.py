@@ -34,7 +34,9 @@ exercise names); the snapshot is compared again after the cells and after the ch
 
 What this does not do: a process that runs untrusted code can read its own memory, so
 a determined student can extract the key and forge *their own* result; a grader not
-running as root cannot drop privileges, so the child then has the instructor's rights;
+running as root cannot drop privileges, so the child then has the instructor's rights (a root
+grader that cannot run the child as ``nobody`` refuses, unless ``Limits.allow_root`` /
+``lora-edu grade --allow-root`` says it runs in a throwaway container);
 the network is not cut off.  A container per submission is the stronger option
 (docs/instructors.md says how).
 """
@@ -83,6 +85,7 @@ class Limits:
     nproc: int = 256  # processes and threads of the unprivileged user (RLIMIT_NPROC; only when dropped to nobody)
     output_cap: int = 32 * 1024  # bytes of the child's stdout/stderr kept
     drop_to: int | None = None  # uid to run as; None: nobody when the grader is root, else unchanged
+    allow_root: bool = False  # a root grader that cannot drop to that user runs the submission as root instead of refusing
 
 
 @dataclass
@@ -137,6 +140,8 @@ def run_submission(content: bytes, filename: str, exercise: str, variant: int, l
         uid = None
     python, why_not = child_interpreter(uid)
     if python is None:
+        if os.geteuid() == 0 and not limits.allow_root:  # the submission would run with root's rights: refuse
+            return SubmissionRun(result=None, error=root_refusal(why_not), seconds=time.monotonic() - start, user="not run")
         uid, python = None, sys.executable
     tmp = Path(tempfile.mkdtemp(prefix="lora_edu_grade_"))
     try:
@@ -159,6 +164,13 @@ def _open_to_others(path: str, need_read: bool = True) -> bool:
     except OSError:
         return False
     return bool(mode & stat.S_IROTH) if need_read else True
+
+
+def root_refusal(why_not: str) -> str:
+    """Why a root grader does not run submissions, and what to do."""
+    return (f"not run: the grader is root and cannot run submissions as nobody ({why_not}), so they would run with root's "
+            "rights. Make the Python environment readable by others (e.g. chmod -R o+rX on the virtual environment), or grade "
+            "inside a throwaway container with --allow-root")
 
 
 def child_interpreter(uid: int | None) -> tuple[str | None, str]:
