@@ -36,6 +36,7 @@ __all__ = [
     "adapter_names",
     "add_lora",
     "check_mergeable",
+    "check_new_adapter",
     "delete_adapter",
     "disable_lora",
     "find_targets",
@@ -173,6 +174,34 @@ def tied_weights(model: nn.Module, names: Iterable[str]) -> dict[str, list[str]]
     return out
 
 
+def check_new_adapter(model: nn.Module, targets: str | Sequence[str], r: int, alpha: float, dropout: float, rslora: bool,
+                      adapter: str, kind: str = "LoRA") -> list[str]:
+    """The checks every injector makes before changing anything; returns the target layer names.
+
+    The adapter name is valid and new, the hyper-parameters are valid, every target matches,
+    no target already carries adapters of another ``kind`` (e.g. DoRA), and nothing is merged.
+    """
+    check_adapter_name(adapter)
+    AdapterConfig(r=r, alpha=alpha, dropout=dropout, rslora=rslora)  # validates the hyper-parameters
+    names = find_targets(model, targets)
+    for n in names:
+        module = model.get_submodule(n)
+        here = getattr(module, "adapter_kind", kind)
+        if here != kind:
+            here = "plain LoRA" if here == "LoRA" else here
+            raise TypeError(f"{n!r} already carries {here} adapters {sorted(module.adapters)}; {here} and {kind} adapters "
+                            "cannot share a layer here. unload_lora(model, merge=False) first, or target other layers")
+    if adapter in adapter_names(model):
+        raise ValueError(
+            f"the model already has an adapter named {adapter!r} (double injection). "
+            f"Pass adapter='<another name>' to add a second adapter, or delete_adapter(model, {adapter!r}) first"
+        )
+    merged = [n for n, layer in lora_layers(model) if layer.merged]
+    if merged:
+        raise RuntimeError(f"{merged[0]!r} has a merged adapter; unmerge_lora(model) before adding another adapter")
+    return names
+
+
 def add_lora(
     model: nn.Module,
     targets: str | Sequence[str],
@@ -192,23 +221,8 @@ def add_lora(
     before anything changes; a target whose weight is tied to another layer's
     (e.g. an embedding shared with the output head) gets a warning, as in PEFT.
     """
-    check_adapter_name(adapter)
-    AdapterConfig(r=r, alpha=alpha, dropout=dropout, rslora=rslora)  # validates the hyper-parameters
-    names = find_targets(model, targets)
-    for n in names:
-        kind = getattr(model.get_submodule(n), "adapter_kind", "LoRA")
-        if kind != "LoRA":
-            raise TypeError(f"{n!r} already carries {kind} adapters {sorted(model.get_submodule(n).adapters)}; DoRA and LoRA adapters "
-                            "cannot share a layer here. unload_lora(model, merge=False) first, or target other layers")
+    names = check_new_adapter(model, targets, r, alpha, dropout, rslora, adapter, kind="LoRA")
     extra = find_trainable_modules(model, trainable_modules, names)
-    if adapter in adapter_names(model):
-        raise ValueError(
-            f"the model already has an adapter named {adapter!r} (double injection). "
-            f"Pass adapter='<another name>' to add a second adapter, or delete_adapter(model, {adapter!r}) first"
-        )
-    merged = [n for n, layer in lora_layers(model) if layer.merged]
-    if merged:
-        raise RuntimeError(f"{merged[0]!r} has a merged adapter; unmerge_lora(model) before adding another adapter")
     for n, others in tied_weights(model, names).items():
         warnings.warn(
             f"{n!r} shares its weight with {others}: merging this adapter will change those too, so the merged model "

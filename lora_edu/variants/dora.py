@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora_edu.core.config import AdapterConfig, check_adapter_name, merge_dtype
-from lora_edu.core.inject import adapter_names, find_targets, freeze, lora_layers, set_adapter, set_submodule, tied_weights
+from lora_edu.core.config import merge_dtype
+from lora_edu.core.inject import check_new_adapter, freeze, lora_layers, set_adapter, set_submodule, tied_weights
 from lora_edu.core.kinds import is_transposed_linear, lora_wrapper
 from lora_edu.core.layers import LoRALayer, LoRALinear, read_extra_state
 
@@ -257,22 +257,12 @@ def add_dora(model: nn.Module, targets: str | Sequence[str], r: int, alpha: floa
     already carries plain LoRA is refused.  Everything is checked before anything changes; then
     the whole model is frozen except A, B and m of the new adapter.
     """
-    check_adapter_name(adapter)
-    AdapterConfig(r=r, alpha=alpha, dropout=dropout, rslora=rslora)
-    names = find_targets(model, targets)
+    names = check_new_adapter(model, targets, r, alpha, dropout, rslora, adapter, kind=DoRALinear.adapter_kind)
     for n in names:
         module = model.get_submodule(n)
-        if isinstance(module, LoRALayer) and not isinstance(module, DoRALinear):
-            raise TypeError(f"{n!r} already carries plain LoRA adapters {sorted(module.adapters)}; DoRA and LoRA adapters "
-                            "cannot share a layer here. unload_lora(model, merge=False) first, or target other layers")
         if not isinstance(module, LoRALayer) and lora_wrapper(module) is not LoRALinear and not is_transposed_linear(module):
             raise TypeError(f"{n!r} is a {type(module).__name__}; DoRA is implemented for linear layers "
                             "(nn.Linear, transformers' Conv1D) only")
-    if adapter in adapter_names(model):
-        raise ValueError(f"the model already has an adapter named {adapter!r}; pass adapter='<another name>'")
-    merged = [n for n, layer in lora_layers(model) if layer.merged]
-    if merged:
-        raise RuntimeError(f"{merged[0]!r} has a merged adapter; unmerge_lora(model) before adding another adapter")
     if tied_weights(model, names):
         raise ValueError(f"{sorted(tied_weights(model, names))} share their weight with other parameters; DoRA rescales W, "
                          "so merging would change those too. Untie the weights or target other layers")
