@@ -45,13 +45,36 @@ from lora_edu.core.inject import add_lora, freeze
 from lora_edu.lab.train import TrainConfig, train
 
 __all__ = [
-    "fine_tune", "rank_sweep", "budget_split", "learn_forget", "format_table", "ATTENTION_TARGETS", "ALL_LINEAR_TARGETS",
+    "adapted_copy", "fine_tune", "rank_sweep", "budget_split", "learn_forget", "format_table", "ATTENTION_TARGETS", "ALL_LINEAR_TARGETS",
     "fine_tune_replicas", "sweep_then_seeds", "fixed_eval_batches", "per_batch_losses", "mean_se", "lora_scale_rule",
     "difference", "verdict",
 ]  # fmt: skip
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_LINEAR_TARGETS = ATTENTION_TARGETS + ("up_proj", "down_proj")
+
+
+def adapted_copy(base: nn.Module, method: str = "lora", r: int | None = None, alpha: float | None = None,
+                 targets: Sequence[str] = ("q_proj", "v_proj"), rslora: bool = False, trainable_modules: Sequence[str] = (),
+                 init_seed: int | None = None) -> nn.Module:
+    """A copy of ``base`` ready to train: ``"lora"`` (rank-``r`` adapters on ``targets``, α defaulting to 2r, i.e.
+    s = 2; ``init_seed`` seeds the draw of A), ``"full"`` (every parameter trainable) or ``"frozen"``."""
+    model = copy.deepcopy(base)
+    if method == "lora":
+        if r is None:
+            raise ValueError("method='lora' needs r")
+        if init_seed is not None:
+            torch.manual_seed(init_seed)
+        add_lora(model, list(targets), r=r, alpha=2.0 * r if alpha is None else alpha, rslora=rslora,
+                 trainable_modules=trainable_modules)  # fmt: skip
+    elif method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif method == "frozen":
+        freeze(model)
+    else:
+        raise ValueError(f"method must be 'lora', 'full' or 'frozen', got {method!r}")
+    return model
 
 
 def fine_tune(
@@ -74,21 +97,7 @@ def fine_tune(
     trains every parameter.  ``init_seed`` seeds the draw of A (otherwise the global RNG is
     used).  The base is never modified.
     """
-    model = copy.deepcopy(base)
-    if method == "lora":
-        if r is None:
-            raise ValueError("method='lora' needs r")
-        if init_seed is not None:
-            torch.manual_seed(init_seed)
-        add_lora(model, list(targets), r=r, alpha=2.0 * r if alpha is None else alpha, rslora=rslora,
-                 trainable_modules=trainable_modules)  # fmt: skip
-    elif method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-    elif method == "frozen":
-        freeze(model)
-    else:
-        raise ValueError(f"method must be 'lora', 'full' or 'frozen', got {method!r}")
+    model = adapted_copy(base, method, r, alpha, targets, rslora, trainable_modules, init_seed)
     config = config or TrainConfig()
     result = train(model, task, config, **overrides)
     counts = count_parameters(model)
@@ -379,20 +388,10 @@ def fine_tune_replicas(
     slots = [(lr, seed) for lr in lrs for seed in seeds]
     K = len(slots)
     replicas = []
+    if method not in ("lora", "full"):
+        raise ValueError(f"method must be 'lora' or 'full', got {method!r}")
     for lr, seed in slots:
-        model = copy.deepcopy(base).to(device)
-        if method == "lora":
-            if r is None:
-                raise ValueError("method='lora' needs r")
-            torch.manual_seed(seed)
-            add_lora(model, list(targets), r=r, alpha=2.0 * r if alpha is None else alpha, rslora=rslora,
-                     trainable_modules=trainable_modules)  # fmt: skip
-        elif method == "full":
-            for p in model.parameters():
-                p.requires_grad_(True)
-        else:
-            raise ValueError(f"method must be 'lora' or 'full', got {method!r}")
-        replicas.append(model)
+        replicas.append(adapted_copy(base, method, r, alpha, targets, rslora, trainable_modules, init_seed=seed).to(device))
     proto = replicas[0]
     names = [n for n, p in proto.named_parameters() if p.requires_grad]
     stacked = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in replicas]).clone() for n in names}
