@@ -1,4 +1,6 @@
 """Experiments on small configurations: records are tidy, lr sweeps pick the best, the planted rank shows."""
+import math
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -68,6 +70,7 @@ from lora_edu.lab.experiments import (  # noqa: E402
     fixed_eval_batches,
     lora_scale_rule,
     mean_se,
+    paired_difference,
     per_batch_losses,
     sweep_then_seeds,
     verdict,
@@ -114,7 +117,18 @@ def test_statistics_helpers():
     assert m == 2.0 and abs(se - 1 / 3**0.5) < 1e-12
     d, se = difference([1.0, 1.1, 0.9], [0.0, 0.1, -0.1])
     assert abs(d - 1.0) < 1e-12 and verdict(d, se) == "reproduced" and verdict(-d, se) == "contradicted"
-    assert verdict(0.01, 0.1) == "not resolved at this scale"
+    assert verdict(0.01, 0.1) == "not resolved at this scale" and verdict(1.0, float("nan")) == "not resolved at this scale"
+    # paired: per-seed differences; the shared seed-to-seed variation (+0, +0.1, -0.1) cancels exactly
+    d, se = paired_difference([1.0, 1.1, 0.9], [0.0, 0.1, -0.1])
+    assert abs(d - 1.0) < 1e-12 and se < 1e-12
+    d, se = paired_difference([3.0, 1.0, 2.5], [1.0, 0.5, 1.0])  # differences 2, 0.5, 1.5: mean 4/3, s.e. = sd/sqrt(3)
+    assert abs(d - 4 / 3) < 1e-12 and abs(se - math.sqrt(((2 - 4 / 3) ** 2 + (0.5 - 4 / 3) ** 2 + (1.5 - 4 / 3) ** 2) / 2 / 3)) < 1e-12
+    with pytest.raises(ValueError, match="one value per shared seed"):
+        paired_difference([1.0, 2.0], [1.0])
+    # the marginal band: beyond k = 2 but within strong = 3 standard errors
+    assert [verdict(z, 1.0, strong=3.0) for z in (1.9, 2.5, -2.5, 3.1, -3.1)] == [
+        "not resolved at this scale", "marginal", "marginal, against", "reproduced", "contradicted"]
+    assert verdict(2.5, 1.0) == "reproduced" and verdict(0.0, 0.0) == "not resolved at this scale"
     assert lora_scale_rule("fixed", 16) == (2.0, False) and lora_scale_rule("2r", 16) == (32.0, False) and lora_scale_rule("rslora", 16) == (2.0, True)
 
 
