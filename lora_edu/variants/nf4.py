@@ -519,7 +519,7 @@ def requantize_merge_error(q: NF4Quantized, delta_w: Tensor) -> MergeError:
     """Measure "dequantise, add ΔW, re-quantise" against keeping the adapter separate (W_deq + ΔW exactly).
 
     Re-quantisation snaps every merged weight back onto the 16 levels of its block: an update
-    smaller than half a level spacing (≈ 0.04–0.14 · c₂) mostly disappears, so the error is of the
+    smaller than half a level spacing (≈ 0.04–0.15 · c₂) mostly disappears, so the error is of the
     order of ‖ΔW‖ itself.  What a user should do: on a quantised base keep the adapter separate
     (QLoRA eq. 5); to deploy a merged model, merge into a bf16/fp16 copy of the *dequantised*
     weights (errors ≈ one bf16/fp16 rounding of W, reported here as ``bf16``/``fp16``).
