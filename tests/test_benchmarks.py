@@ -44,7 +44,7 @@ def test_bench_lora_quick_tiny_cpu_with_mixed(tmp_path):
                            "--no-peft", "--out-dir", str(tmp_path), "--name", "tinyq"])
     names = [r["name"] for r in res["rows"]]
     assert bench_lora.RECOMPUTE_ROW in names and "inference: lora_edu merged" in names
-    assert bench_lora.PLAIN_COMPILE_ROW not in names  # a compile-only row, and the compile pass was skipped
+    assert bench_lora.OP_COMPILE_ROW not in names  # a compile-only row, and the compile pass was skipped
     mixed = {r["name"]: r for r in res["mixed"]["rows"]}
     assert {"base model", "lora_edu: one adapter, unmerged", "lora_edu: adapter_batch, k = 16"} <= set(mixed)
     assert res["mixed"]["meta"]["exactness"] < 1e-5
