@@ -931,3 +931,47 @@ def test_unload_lora_leaves_no_lora_bookkeeping_on_the_plain_model():
         m = L.unload_lora(adapted(trainable_modules=[]), merge=merge)
         assert not hasattr(m, "lora_trainable_modules")
         assert not any(isinstance(x, L.LoRALayer) for x in m.modules())
+
+
+# ----------------------------------------------------------------------------- QLoRA and PiSSA injectors: refused calls change nothing
+def _gpt_with_default_adapter():
+    from lora_edu.lab.models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=40, block_size=8, n_layer=1, n_head=2, d_model=32, d_ff=64))
+    return L.add_lora(model, ["q_proj"], r=2, alpha=4)
+
+
+@pytest.mark.parametrize("case", ["merged", "same name twice", "name already on one target"])
+def test_add_qlora_refuses_before_quantising_anything(case):
+    from lora_edu.variants import add_qlora
+
+    model = _gpt_with_default_adapter()
+    if case == "merged":
+        L.merge_lora(model)
+        call, err = dict(targets=["k_proj"], adapter="x"), (RuntimeError, "merged adapter")
+    elif case == "same name twice":
+        add_qlora(model, ["k_proj"], r=2, alpha=4, adapter="x")
+        call, err = dict(targets=["k_proj"], adapter="x"), (ValueError, "already has an adapter named 'x'")
+    else:
+        call, err = dict(targets=["v_proj", "q_proj"], adapter="default"), (ValueError, "already has an adapter named 'default'")
+    before = snapshot(model)
+    with pytest.raises(err[0], match=err[1]):
+        add_qlora(model, r=2, alpha=4, **call)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("case", ["embedding target", "fused layer"])
+def test_add_pissa_refuses_before_adding_anything(case):
+    from lora_edu.variants import add_pissa
+
+    model = _gpt_with_default_adapter()
+    if case == "fused layer":
+        L.fuse(model)
+        targets = ["q_proj"]
+    else:
+        targets = ["k_proj", "tok_emb"]
+    before = snapshot(model)
+    with pytest.raises(TypeError, match="PiSSA initialises plain linear layers only"):
+        add_pissa(model, targets, r=2, alpha=2, adapter="p")
+    assert_unchanged(model, before)

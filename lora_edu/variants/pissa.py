@@ -29,8 +29,9 @@ import torch
 import torch.nn as nn
 
 from lora_edu.core.config import merge_dtype, scale_of
-from lora_edu.core.inject import add_lora, lora_layers
-from lora_edu.core.layers import LoRALinear
+from lora_edu.core.inject import add_lora, check_new_adapter, lora_layers
+from lora_edu.core.kinds import lora_wrapper
+from lora_edu.core.layers import LoRALayer, LoRALinear
 
 __all__ = ["pissa_factors", "pissa_init", "add_pissa", "PiSSAConversion", "pissa_to_lora", "apply_converted", "is_pissa_adapter"]
 
@@ -83,12 +84,20 @@ def is_pissa_adapter(layer: nn.Module, name: str) -> bool:
 
 def add_pissa(model: nn.Module, targets: str | Sequence[str], r: int, alpha: float, dropout: float = 0.0,
               rslora: bool = False, adapter: str = "default") -> nn.Module:
-    """:func:`lora_edu.add_lora`, then PiSSA init of the new adapter on every adapted layer (W ← W_res)."""
+    """:func:`lora_edu.add_lora`, then PiSSA init of the new adapter on every adapted layer (W ← W_res).
+
+    Checked before anything changes: what :func:`lora_edu.add_lora` checks, and that every target is (or
+    becomes) a plain :class:`LoRALinear` (not an embedding, not a fused or quantised layer).
+    """
+    names = check_new_adapter(model, targets, r, alpha, dropout, rslora, adapter, kind=LoRALinear.adapter_kind)
+    modules = [model.get_submodule(n) for n in names]
+    bad = sorted({type(m).__name__ for m in modules
+                  if (type(m) is not LoRALinear if isinstance(m, LoRALayer) else lora_wrapper(m) is not LoRALinear)})
+    if bad:
+        raise TypeError(f"PiSSA initialises plain linear layers only; the targets include {bad} "
+                        "(unfuse(model) first if they are fused layers, or target other layers)")
     add_lora(model, targets, r, alpha, dropout, rslora, adapter)
     layers = [layer for _, layer in lora_layers(model) if adapter in layer.adapters]
-    bad = [type(layer).__name__ for layer in layers if type(layer) is not LoRALinear]
-    if bad:
-        raise TypeError(f"PiSSA initialises linear layers only; the targets include {sorted(set(bad))}")
     for layer in layers:
         pissa_init(layer, adapter)
     return model

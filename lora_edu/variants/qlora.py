@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from lora_edu.core.config import AdapterConfig, adapter_dtype, check_adapter_name
-from lora_edu.core.inject import find_targets, lora_layers, set_submodule, tied_weights
+from lora_edu.core.inject import check_new_adapter, find_targets, lora_layers, set_submodule, tied_weights
 from lora_edu.core.layers import LoRALayer, LoRALinear
 from lora_edu.variants.nf4 import MergeError, NF4Linear, requantize_merge_error
 
@@ -131,9 +131,7 @@ def add_qlora(model: nn.Module, targets: str | Sequence[str], r: int, alpha: flo
 
     Everything is frozen except the new adapter.  Validated before anything changes.
     """
-    check_adapter_name(adapter)
-    AdapterConfig(r=r, alpha=alpha, dropout=dropout, rslora=rslora)
-    names = find_targets(model, targets)
+    names = check_new_adapter(model, targets, r, alpha, dropout, rslora, adapter, kind=QLoRALinear.adapter_kind)
     to_quantize = [n for n in names if not isinstance(model.get_submodule(n), (NF4Linear, QLoRALinear))]
     _quantize_names(model, to_quantize, block_size, double_quant, compute_dtype)  # validates, then replaces
     for p in model.parameters():
