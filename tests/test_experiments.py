@@ -148,3 +148,21 @@ def test_cuda_replicas_match_train():
             _, rec = fine_tune(base, code, "lora", r=2, targets=("q_proj", "v_proj"), init_seed=0, seed=0, lr=lr, steps=4, batch_size=4,
                                eval_batches=None, eval_every=0, eval_at_start=False, progress=False, device="cuda", precision="fp32")  # fmt: skip
         assert abs(rec["code_loss"] - float(res.loss("code")[k])) < 1e-5, (lr, rec["code_loss"], float(res.loss("code")[k]))
+
+
+def test_statistics_and_replicas_refuse_what_would_be_silently_wrong():
+    with pytest.raises(TypeError, match="not mappings"):
+        paired_difference({0: 1.5, 1: 1.6}, {0: 1.0, 1: 1.1})
+    with pytest.raises(ValueError, match="at least one shared seed"):
+        paired_difference([], [])
+    assert verdict(float("nan"), 0.0) == "not resolved at this scale"
+    for bad in (dict(k=-1.0), dict(k=0.0), dict(strong=1.0), dict(strong=float("nan"))):
+        with pytest.raises(ValueError, match="k > 0 and strong >= k"):
+            verdict(2.5, 1.0, **bad)
+    base, code = _tiny_lm()
+    for kw, match in ((dict(seeds=(0, 0, 0)), "duplicate seeds"), (dict(lrs=(1e-2, 1e-2)), "duplicate"), (dict(seeds=()), "at least one"),
+                      (dict(lrs=(0.0, 1e-2)), "finite numbers > 0")):
+        with pytest.raises(ValueError, match=match):
+            fine_tune_replicas(base, code, r=2, **{"lrs": (1e-2,), "seeds": (0,), **kw}, steps=1, batch_size=2)
+    _, rec = fine_tune(base, code, "lora", r=2, targets="q_proj", steps=1, batch_size=2, eval_batches=1, eval_every=0, progress=False, device="cpu")
+    assert rec["targets"] == "q_proj"  # one name, as add_lora takes it

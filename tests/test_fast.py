@@ -998,3 +998,10 @@ def test_cuda_recompute_input_bf16_same_gradients_less_memory():
     assert torch.equal(out[False][0], out[True][0])
     assert all(torch.equal(a, b) for a, b in zip(out[False][1], out[True][1]))
     assert out[True][2] < out[False][2]
+
+
+def test_fuse_options_must_be_booleans():
+    layer = LoRALinear(nn.Linear(4, 3), r=2, alpha=4)
+    with pytest.raises(TypeError, match="compile_op must be True or False"):
+        lora_edu.fuse(nn.Sequential(layer), compile_op="no")
+    assert type(layer) is LoRALinear  # nothing was switched

@@ -226,3 +226,13 @@ def test_root_grader_refuses_to_run_submissions_as_root(tmp_path, monkeypatch, c
     assert run.result is None and run.error.startswith("not run: the grader is root") and run.user == "not run"
     assert main(["grade", str(nb), "--out", str(tmp_path / "g.csv"), "--allow-root"]) == 0  # told: runs it, as the grader's user
     assert (tmp_path / "g.csv").exists()
+
+
+def test_limits_refuse_root_by_accident():
+    from lora_edu.grading.sandbox import Limits
+
+    with pytest.raises(TypeError, match="allow_root must be True or False"):
+        Limits(allow_root="false")
+    with pytest.raises(ValueError, match="drop_to=0 runs submissions as root"):
+        Limits(drop_to=0)
+    assert Limits(drop_to=0, allow_root=True).drop_to == 0 and Limits().allow_root is False

@@ -200,3 +200,37 @@ def test_keep_best_ends_with_the_best_evaluation(lm_task):
     assert res.best_step == 0 and res.history[-1]["val_loss"] > res.final["loss"]
     assert all(torch.equal(a, b) for a, b in zip(init, model.parameters()))
     assert train(small_gpt(), lm_task, TrainConfig(steps=2, **FAST)).best_step is None
+
+
+def test_keep_best_restores_buffers_and_needs_a_loss(lm_task):
+    """The kept model is the one that was scored: buffers (e.g. BatchNorm statistics) come back too."""
+    model = small_gpt()
+    model.register_buffer("running", torch.zeros(3))  # a buffer that training changes, as BatchNorm's statistics do
+    hook = model.register_forward_pre_hook(lambda m, args: (m.running.add_(1.0) if m.training else None, None)[1])
+    res = train(model, lm_task, TrainConfig(steps=20, lr=1.0, grad_clip=None, eval_every=5, keep_best=True, **FAST))
+    hook.remove()
+    assert res.best_step == 0 and torch.equal(model.running, torch.zeros(3))
+
+    class NoLoss:  # a task whose evaluate() has no "loss": fine without keep_best, a clear error with it
+        def __getattr__(self, name):
+            return getattr(lm_task, name)
+
+        def evaluate(self, model, **kw):
+            return {"acc": 0.5}
+
+    assert train(small_gpt(), NoLoss(), TrainConfig(steps=2, **FAST)).final == {"acc": 0.5}
+    with pytest.raises(ValueError, match="keep_best needs the task's evaluate\\(\\) to return a numeric 'loss'"):
+        train(small_gpt(), NoLoss(), TrainConfig(steps=2, keep_best=True, **FAST))
+
+
+@pytest.mark.parametrize("bad", [dict(lr=-1e-3), dict(lr=float("nan")), dict(steps=-3), dict(batch_size=0), dict(grad_clip=0.0),
+                                 dict(eval_every=-1), dict(keep_best="no"), dict(steps=True), dict(schedule="cosin"), dict(seed=1.5)])
+def test_train_config_refuses_settings_that_train_silently_wrong(bad):
+    with pytest.raises((ValueError, TypeError), match="TrainConfig"):
+        TrainConfig(**bad)
+
+
+def test_train_config_accepts_numpy_numbers():
+    np = pytest.importorskip("numpy")
+    cfg = TrainConfig(steps=np.int64(3), seed=np.int64(2), lr=np.float64(1e-3), batch_size=np.int32(4))
+    assert (cfg.steps, cfg.seed, cfg.batch_size) == (3, 2, 4) and type(cfg.seed) is int and type(cfg.lr) is float

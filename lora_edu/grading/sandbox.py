@@ -87,6 +87,15 @@ class Limits:
     drop_to: int | None = None  # uid to run as; None: nobody when the grader is root, else unchanged
     allow_root: bool = False  # a root grader that cannot drop to that user runs the submission as root instead of refusing
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.allow_root, bool):
+            raise TypeError(f"Limits.allow_root must be True or False, got {self.allow_root!r}")
+        if self.drop_to is not None and (isinstance(self.drop_to, bool) or not isinstance(self.drop_to, int) or self.drop_to < 0):
+            raise ValueError(f"Limits.drop_to must be a user id (int >= 0) or None, got {self.drop_to!r}")
+        if self.drop_to == 0 and not self.allow_root:
+            raise ValueError("Limits.drop_to=0 runs submissions as root; pass allow_root=True as well if that is really meant "
+                             "(only inside a throwaway container)")
+
 
 @dataclass
 class SubmissionRun:

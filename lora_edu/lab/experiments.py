@@ -19,9 +19,10 @@ For statistics (notebooks 4-6, ``benchmarks/study_gpu.py``):
   ``torch.func.vmap``; replica by replica the same as :func:`fine_tune` (tested).
 * :func:`sweep_then_seeds` — a learning-rate grid on one seed, extended until its best value is
   interior, then more seeds at that learning rate.
-* :func:`mean_se`, :func:`difference`, :func:`verdict` — a claim is "reproduced" only beyond two
-  standard errors; :func:`fixed_eval_batches` / :func:`per_batch_losses` measure how stable an
-  evaluation is; :func:`lora_scale_rule` names the three α regimes (fixed α, α = 2r, rsLoRA).
+* :func:`mean_se`, :func:`difference`, :func:`paired_difference`, :func:`verdict` — a claim is
+  "reproduced" only beyond k (default two) standard errors, with an optional "marginal" band;
+  :func:`fixed_eval_batches` / :func:`per_batch_losses` measure how stable an evaluation is;
+  :func:`lora_scale_rule` names the three α regimes (fixed α, α = 2r, rsLoRA).
 
 Learning rates are selected on the target task's *validation* split and reported on
 the same split; with a handful of candidates the selection bias is small next to the
@@ -32,8 +33,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import numbers
+import operator
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +63,7 @@ def adapted_copy(base: nn.Module, method: str = "lora", r: int | None = None, al
     """A copy of ``base`` ready to train: ``"lora"`` (rank-``r`` adapters on ``targets``, α defaulting to 2r, i.e.
     s = 2; ``init_seed`` seeds the draw of A), ``"full"`` (every parameter trainable) or ``"frozen"``."""
     model = copy.deepcopy(base)
+    targets = [targets] if isinstance(targets, str) else list(targets)  # one name, as add_lora takes it
     if method == "lora":
         if r is None:
             raise ValueError("method='lora' needs r")
@@ -97,6 +101,7 @@ def fine_tune(
     trains every parameter.  ``init_seed`` seeds the draw of A (otherwise the global RNG is
     used).  The base is never modified.
     """
+    targets = [targets] if isinstance(targets, str) else list(targets)
     model = adapted_copy(base, method, r, alpha, targets, rslora, trainable_modules, init_seed)
     config = config or TrainConfig()
     result = train(model, task, config, **overrides)
@@ -373,7 +378,9 @@ def fine_tune_replicas(
     *per replica*, a constant learning rate — but all replicas share one batched forward and backward pass,
     which on a CPU is several times faster than a loop over ``train``.  Adam is elementwise, so stacking the
     replicas' parameters and stepping them together changes nothing about any one of them
-    (``tests/test_experiments.py`` compares with ``train``).
+    (``tests/test_experiments.py`` compares with ``train``).  The replicas run in the base model's dtype with no
+    autocast and, on CUDA, the math attention kernel: compare with ``train(precision="fp32")`` there (``train``
+    defaults to bf16 autocast and the fused attention kernels on a GPU).
 
     ``eval_tasks`` (besides ``task`` itself) are scored at the end on their fixed validation batches
     (:func:`fixed_eval_batches`); ``eval_every > 0`` also records the training task's eval loss along the way.
@@ -385,7 +392,14 @@ def fine_tune_replicas(
     from lora_edu.lab.train import resolve_device
 
     device = resolve_device(device)
-    slots = [(lr, seed) for lr in lrs for seed in seeds]
+    lrs, seeds = list(lrs), [operator.index(s) for s in seeds]  # numpy integers welcome
+    if not lrs or not seeds:
+        raise ValueError(f"fine_tune_replicas needs at least one learning rate and one seed, got lrs={lrs}, seeds={seeds}")
+    if len(set(seeds)) != len(seeds) or len(set(lrs)) != len(lrs):
+        raise ValueError(f"duplicate seeds or learning rates would be identical replicas (a fake zero spread): lrs={lrs}, seeds={seeds}")
+    if not all(isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0 for lr in lrs):
+        raise ValueError(f"learning rates must be finite numbers > 0, got {lrs}")
+    slots = [(float(lr), seed) for lr in lrs for seed in seeds]
     K = len(slots)
     replicas = []
     if method not in ("lora", "full"):
@@ -511,8 +525,8 @@ def sweep_then_seeds(
     ``curve`` (step, loss) of seed 0 at the chosen lr when ``eval_every`` is set, ``models`` when ``keep_models``.
     """
     lrs = sorted(float(lr) for lr in lrs)
-    if len(lrs) < 3:
-        raise ValueError("a learning-rate grid needs >= 3 values to bracket its best")
+    if len(set(lrs)) < 3 or len(set(lrs)) != len(lrs):
+        raise ValueError(f"a learning-rate grid needs >= 3 distinct values to bracket its best, got {lrs}")
     ratio = lrs[1] / lrs[0]
     first, rest = seeds[0], list(seeds[1:])
     runs: dict[float, tuple[Replicas, int]] = {}
@@ -570,7 +584,12 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, fl
     :func:`fine_tune_replicas` and :func:`fine_tune` give), the seed-to-seed variation both runs
     share cancels, which :func:`difference` cannot see; with n seeds the s.e. has n − 1 degrees of freedom.
     """
+    if isinstance(a, Mapping) or isinstance(b, Mapping):
+        raise TypeError("paired_difference takes two sequences of per-seed values in the same seed order, not mappings "
+                        "(pass list(d.values()) after checking both have the same keys in the same order)")
     a, b = list(a), list(b)
+    if not a:
+        raise ValueError("paired_difference needs at least one shared seed")
     if len(a) != len(b):
         raise ValueError(f"paired_difference needs one value per shared seed in both, got {len(a)} and {len(b)}")
     return mean_se([x - y for x, y in zip(a, b)])
@@ -585,6 +604,10 @@ def verdict(diff: float, se: float, k: float = 2.0, strong: float | None = None)
     """
     if se < 0:
         raise ValueError(f"the standard error must be >= 0, got {se!r}")
+    if not k > 0 or (strong is not None and not strong >= k):
+        raise ValueError(f"verdict needs k > 0 and strong >= k (or strong=None), got k={k!r}, strong={strong!r}")
+    if math.isnan(diff):
+        return "not resolved at this scale"
     z = abs(diff) / se if (se > 0 or math.isnan(se)) else (math.inf if diff != 0 else 0.0)
     if not z > k:  # a nan s.e. (fewer than 2 seeds) resolves nothing
         return "not resolved at this scale"

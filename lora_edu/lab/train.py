@@ -10,14 +10,17 @@ time and peak accelerator memory, alongside a history of losses and metrics.
 Options: device ``"auto"`` (CUDA, then Apple MPS, then CPU); bf16 autocast on
 CUDA when the card supports it (fp16 + GradScaler on request; none on CPU);
 gradient clipping; constant / linear / cosine learning rate with linear warmup;
-early stopping (``keep_best``: end with the weights of the best evaluation);
+``keep_best``: end with the weights (parameters and buffers) of the best evaluation;
 LoRA+ (Hayou et al. 2024): the ``B`` factors learn ``loraplus_ratio`` times
 faster than everything else. CPU runs with the same seed repeat bit for bit.
 """
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
@@ -91,13 +94,47 @@ class TrainConfig:
     eval_at_start: bool = True  # also evaluate before the first step (the "before" quality)
     eval_batches: int | None = 20  # batches per evaluation (None = the whole split)
     eval_split: str = "val"
-    keep_best: bool = False  # early stopping: end with the trainable weights of the evaluation with the lowest loss
+    keep_best: bool = False  # end with the weights (parameters and buffers) of the evaluation with the lowest loss
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" | "mps"
     precision: str = "auto"  # "auto" (bf16 on capable CUDA, fp32 elsewhere) | "fp32" | "bf16" | "fp16"
     seed: int = 0  # seeds torch (dropout) and the batch sampler
     progress: bool = True  # tqdm progress bar
     desc: str = "train"  # progress bar label
     fused: bool = True  # train LoRA layers through lora_edu.fuse (the same formula with fewer passes; lora_edu.speed.fused)
+
+    def __post_init__(self) -> None:
+        """Refuse settings that would train silently wrong (ascend, produce nan, or do nothing)."""
+
+        def integer(name: str, low: int) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not hasattr(value, "__index__") or operator.index(value) < low:
+                raise ValueError(f"TrainConfig.{name} must be an integer >= {low}, got {value!r}")
+            setattr(self, name, operator.index(value))  # numpy integers become Python ints
+
+        def real(name: str, low: float, allow_none: bool = False, strict: bool = True) -> None:
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or (value <= low if strict else value < low):
+                bound = f"> {low}" if strict else f">= {low}"
+                raise ValueError(f"TrainConfig.{name} must be a finite number {bound}" + (" or None" if allow_none else "") + f", got {value!r}")
+            setattr(self, name, float(value))
+
+        for name, low in (("steps", 0), ("batch_size", 1), ("warmup_steps", 0), ("eval_every", 0), ("seed", 0)):
+            integer(name, low)
+        if self.eval_batches is not None:
+            integer("eval_batches", 1)
+        real("lr", 0.0)
+        real("weight_decay", 0.0, strict=False)
+        real("min_lr_ratio", 0.0, strict=False)
+        real("grad_clip", 0.0, allow_none=True)
+        real("loraplus_ratio", 0.0, allow_none=True)
+        for name in ("eval_at_start", "keep_best", "progress", "fused"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"TrainConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.schedule not in ("constant", "linear", "cosine"):
+            raise ValueError(f"TrainConfig.schedule must be 'constant', 'linear' or 'cosine', got {self.schedule!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -117,7 +154,8 @@ class TrainResult:
     device: str
     precision: str
     config: dict = field(default_factory=dict)
-    best_step: int | None = None  # keep_best: the step whose weights the model ends with (``final`` is its evaluation)
+    best_step: int | None = None  # keep_best: the step whose weights the model ends with (``final`` is its evaluation;
+    # ``final_train_loss`` stays the mean over the last interval actually trained)
 
     @property
     def trainable_fraction(self) -> float:
@@ -204,12 +242,18 @@ def _train_loop(model: nn.Module, task, config: TrainConfig) -> TrainResult:
     history: list[dict] = []
     eval_time, t0 = 0.0, time.perf_counter()
     pfx = config.eval_split
-    best: dict = {}  # keep_best: {"loss", "entry", "state"} of the best evaluation so far (trainable parameters only)
+    best: dict = {}  # keep_best: {"loss", "entry", "state"} of the best evaluation so far
+    kept = [*params, *model.buffers()]  # what an evaluation's result depends on that training changes
 
     def remember_if_best(entry: dict) -> None:
-        loss = entry[f"{pfx}_loss"]
-        if config.keep_best and math.isfinite(loss) and (not best or loss < best["loss"]):
-            best.update(loss=loss, entry=entry, state={id(p): p.detach().clone() for p in params})
+        if not config.keep_best:
+            return
+        loss = entry.get(f"{pfx}_loss")
+        if not isinstance(loss, numbers.Real):
+            raise ValueError(f"keep_best needs the task's evaluate() to return a numeric 'loss', got {loss!r} "
+                             f"(metrics: {sorted(k[len(pfx) + 1:] for k in entry if k.startswith(pfx + '_'))})")
+        if math.isfinite(loss) and (not best or loss < best["loss"]):
+            best.update(loss=loss, entry=entry, state=[t.detach().clone() for t in kept])
 
     if config.eval_at_start:
         te = time.perf_counter()
@@ -267,9 +311,11 @@ def _train_loop(model: nn.Module, task, config: TrainConfig) -> TrainResult:
     chosen = history[-1]
     if best:  # keep_best: put the best evaluation's weights back; it is the result
         with torch.no_grad():
-            for p in params:
-                p.copy_(best["state"][id(p)])
+            for t, saved in zip(kept, best["state"]):
+                t.copy_(saved)
         chosen = best["entry"]
+    elif config.keep_best:
+        warnings.warn("keep_best: no evaluation had a finite loss; the model keeps its last weights", stacklevel=3)
     final_metrics = {k[len(pfx) + 1 :]: v for k, v in chosen.items() if k.startswith(pfx + "_")}
     return TrainResult(
         history=history,

@@ -16,8 +16,9 @@ path steps aside (the plain formula runs) whenever it would not be the same func
 dropout in effect, a trainable base weight, mixed dtypes outside autocast, float64 under
 autocast, or a transposed (Conv1D) base.
 
-Under ``torch.compile`` the compiler traces the plain formula by default (measured faster
-on an H200, see benchmarks/README.md); ``fuse(model, compile_op=True)`` calls the same
+Under ``torch.compile`` the compiler traces the plain formula by default (two H200 runs did
+not find either formulation reliably faster, see benchmarks/README.md; the traced formula
+keeps nothing opaque from the compiler); ``fuse(model, compile_op=True)`` calls the same
 computation as one custom operator instead, ``torch.ops.lora_edu.lora_linear`` (with a fake
 implementation for tracing and its own backward operator), which keeps the epilogue-fused
 GEMMs intact.  ``fuse(model, recompute_input=True)`` saves memory: where a layer's input is
@@ -242,7 +243,7 @@ class FusedLoRALinear(LoRALinear):
 
     ``compile_op``: under ``torch.compile`` call :func:`lora_linear_op` (the same GEMMs, one
     opaque operator with its own backward) instead of letting the compiler trace the plain
-    formula (the default, measured faster).  ``recompute_input``: see :func:`fuse`.
+    formula (the default; neither was reliably faster on an H200).  ``recompute_input``: see :func:`fuse`.
     """
 
     cache_weights: bool = False
@@ -336,13 +337,17 @@ def fuse(model: nn.Module, cache_weights: bool = False, share_input_cast: bool =
     ``cache_weights``: see :class:`FusedLoRALinear`.
     ``compile_op``: under ``torch.compile``, ``False`` (default): the compiler traces the plain
     formula; ``True``: the fused computation as one custom operator (:func:`lora_linear_op`).
-    On an H200 (GPT-2-small shape, bf16) the traced formula was faster (benchmarks/README.md).
+    On an H200 (GPT-2-small shape, bf16) the two swapped places between runs (benchmarks/README.md).
     ``recompute_input``: a layer whose input x is GELU(h) or SiLU(h) (an MLP's down-projection)
     saves nothing for ∂A = s·(gB)ᵀx: h is kept by the activation's own backward anyway, and x
     is recomputed from it in backward (bit for bit).  Saves N × in activations per such layer
     (for GPT-2-small, 50 MB per block at batch 8 × 1,024 in bf16) for one GELU per layer in backward.
     Eager only: under ``torch.compile`` the compiler chooses what to recompute itself.
     """
+    for name, flag in (("cache_weights", cache_weights), ("share_input_cast", share_input_cast), ("compile_op", compile_op),
+                       ("recompute_input", recompute_input)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"fuse: {name} must be True or False, got {flag!r}")
     cache = InputCastCache() if share_input_cast else None
     for module in model.modules():
         if type(module) in (LoRALinear, FusedLoRALinear) and not module.fan_in_fan_out:
