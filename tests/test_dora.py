@@ -243,3 +243,11 @@ def test_add_lora_on_a_dora_layer_is_refused_like_add_dora_on_a_lora_layer():
     plain = lora_edu.add_lora(nn.Sequential(nn.Linear(6, 5)).double(), ["0"], r=2, alpha=4)
     with pytest.raises(TypeError, match="already carries plain LoRA adapters"):  # the message it mirrors
         add_dora(plain, ["0"], r=2, alpha=4, adapter="d")
+
+
+def test_second_adapter_with_another_detach_norm_is_refused():
+    model = nn.Sequential(nn.Linear(6, 5))
+    add_dora(model, ["0"], r=2, alpha=4)
+    with pytest.raises(ValueError, match="detach_norm=True, a setting of the layer shared by all its adapters"):
+        add_dora(model, ["0"], r=2, alpha=4, adapter="b", detach_norm=False)
+    assert list(model[0].adapters) == ["default"]

@@ -263,6 +263,9 @@ def add_dora(model: nn.Module, targets: str | Sequence[str], r: int, alpha: floa
         if not isinstance(module, LoRALayer) and lora_wrapper(module) is not LoRALinear and not is_transposed_linear(module):
             raise TypeError(f"{n!r} is a {type(module).__name__}; DoRA is implemented for linear layers "
                             "(nn.Linear, transformers' Conv1D) only")
+        if isinstance(module, DoRALinear) and module.detach_norm != detach_norm:
+            raise ValueError(f"{n!r} is a DoRA layer with detach_norm={module.detach_norm}, a setting of the layer shared by all "
+                             f"its adapters; pass detach_norm={module.detach_norm} or target other layers")
     if tied_weights(model, names):
         raise ValueError(f"{sorted(tied_weights(model, names))} share their weight with other parameters; DoRA rescales W, "
                          "so merging would change those too. Untie the weights or target other layers")
