@@ -210,11 +210,10 @@ def test_grading_aborts_when_the_grading_code_changes(tmp_path, monkeypatch, cap
 
 def test_root_grader_refuses_to_run_submissions_as_root(tmp_path, monkeypatch, capsys):
     """A root grader that cannot drop to nobody refuses (CLI and library) unless told it is inside a throwaway container."""
-    from lora_edu.grading import cli_grade, sandbox
+    from lora_edu.grading import sandbox
 
     monkeypatch.setattr(sandbox.os, "geteuid", lambda: 0)
     monkeypatch.setattr(sandbox, "child_interpreter", lambda uid: (None, "the Python packages are not readable by other users"))
-    monkeypatch.setattr(cli_grade, "child_interpreter", sandbox.child_interpreter)
     nb = tmp_path / "alice" / "01_lora_linear.ipynb"
     nb.parent.mkdir()
     main(["exercises", "make-student", str(tmp_path / "s"), "lora_linear"])

@@ -27,7 +27,7 @@ from .integrity import package_root, source_flags, tree_fingerprint
 from .notebooks import STUB, code_cells, notebook_exercise
 from .report import FORMATS, Graded, feedback_markdown, gradebook_rows, lms_rows, read_roster, submissions_csv, summary_text, write_safely
 from .result import CheckResult
-from .sandbox import NOBODY, Limits, child_interpreter, pristine_package, root_refusal, run_submission, subreaper
+from .sandbox import Limits, plan_child, pristine_package, run_submission, subreaper
 
 
 class GradingAborted(RuntimeError):
@@ -210,11 +210,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"lora-edu grade: hidden cases drawn from a fresh secret; to reproduce this run, save it to a file and pass "
               f"--secret-file FILE (the secret: {secret})", file=sys.stderr)
     limits = Limits(timeout=args.timeout, case_timeout=args.case_timeout, memory_mb=args.memory_mb, allow_root=args.allow_root)
-    if os.geteuid() == 0 and not args.allow_root:
-        python, why_not = child_interpreter(NOBODY)
-        if python is None:
-            print(f"lora-edu grade: {root_refusal(why_not)}", file=sys.stderr)
-            return 2
+    refusal = plan_child(limits)[3]  # the rule each submission's run applies, checked once before any runs
+    if refusal:
+        print(f"lora-edu grade: {refusal}", file=sys.stderr)
+        return 2
     try:
         graded = grade(found, args.exercise, secret, limits, args.jobs, zero_cheats=not args.keep_flagged_scores)
     except GradingAborted as e:

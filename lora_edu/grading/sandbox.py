@@ -144,14 +144,9 @@ def run_submission(content: bytes, filename: str, exercise: str, variant: int, l
     """
     limits = limits or Limits()
     start = time.monotonic()
-    uid = limits.drop_to if limits.drop_to is not None else (NOBODY if os.geteuid() == 0 else None)
-    if uid is not None and os.geteuid() != 0:
-        uid = None
-    python, why_not = child_interpreter(uid)
-    if python is None:
-        if os.geteuid() == 0 and not limits.allow_root:  # the submission would run with root's rights: refuse
-            return SubmissionRun(result=None, error=root_refusal(why_not), seconds=time.monotonic() - start, user="not run")
-        uid, python = None, sys.executable
+    uid, python, why_not, refusal = plan_child(limits)
+    if refusal:
+        return SubmissionRun(result=None, error=refusal, seconds=time.monotonic() - start, user="not run")
     tmp = Path(tempfile.mkdtemp(prefix="lora_edu_grade_"))
     try:
         run = _run_in(tmp, content, filename, exercise, variant, limits, uid, start, python, package or package_root())
@@ -173,6 +168,21 @@ def _open_to_others(path: str, need_read: bool = True) -> bool:
     except OSError:
         return False
     return bool(mode & stat.S_IROTH) if need_read else True
+
+
+def plan_child(limits: Limits) -> tuple[int | None, str, str, str]:
+    """(uid, python, why_not, refusal): the user a submission runs as (None: the grader's), the Python it runs with,
+    why it cannot run as ``nobody`` ("" if it can), and why it is not run at all ("" unless a root grader would have to
+    run it as root without ``limits.allow_root``)."""
+    uid = limits.drop_to if limits.drop_to is not None else (NOBODY if os.geteuid() == 0 else None)
+    if uid is not None and os.geteuid() != 0:
+        uid = None
+    python, why_not = child_interpreter(uid)
+    if python is None:
+        if os.geteuid() == 0 and not limits.allow_root:  # the submission would run with root's rights: refuse
+            return uid, "", why_not, root_refusal(why_not)
+        uid, python = None, sys.executable
+    return uid, python, why_not, ""
 
 
 def root_refusal(why_not: str) -> str:
