@@ -69,7 +69,7 @@ def adapted_copy(base: nn.Module, method: str = "lora", r: int | None = None, al
             raise ValueError("method='lora' needs r")
         if init_seed is not None:
             torch.manual_seed(init_seed)
-        add_lora(model, list(targets), r=r, alpha=2.0 * r if alpha is None else alpha, rslora=rslora,
+        add_lora(model, targets, r=r, alpha=2.0 * r if alpha is None else alpha, rslora=rslora,
                  trainable_modules=trainable_modules)  # fmt: skip
     elif method == "full":
         for p in model.parameters():
@@ -525,7 +525,7 @@ def sweep_then_seeds(
     ``curve`` (step, loss) of seed 0 at the chosen lr when ``eval_every`` is set, ``models`` when ``keep_models``.
     """
     lrs = sorted(float(lr) for lr in lrs)
-    if len(set(lrs)) < 3 or len(set(lrs)) != len(lrs):
+    if len(lrs) < 3 or len(set(lrs)) != len(lrs):
         raise ValueError(f"a learning-rate grid needs >= 3 distinct values to bracket its best, got {lrs}")
     ratio = lrs[1] / lrs[0]
     first, rest = seeds[0], list(seeds[1:])
